@@ -1,0 +1,399 @@
+"""Typed run configuration: a dataclass tree, loaded from YAML plus dotted CLI overrides, validated at start.
+
+    cfg = load_config(path="launch/configs/tiny_cpu.yaml", overrides=["loss.beta=0.2", "data.eval_path=null"])
+    data_parallel_size = validate_layout(cfg, world_size=4)
+
+OmegaConf parses the YAML and the override values (`null`, `1e-3`, `{a: 1}` all mean what YAML says) and converts
+each value to its field's type. Every key is applied on its own so that one `ConfigError` can list all problems
+at once, each naming the full dotted key and what it accepts. Callers get plain dataclass instances back.
+Fields with a fixed set of values are `StrEnum`s: they compare and hash equal to their string values.
+"""
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from operator import attrgetter
+from types import NoneType, UnionType
+from typing import Any, get_args, get_type_hints
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; `problems` holds one line per problem, naming the dotted key where there is one."""
+
+    def __init__(self, problems: str | Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(self.problems)  # the list as the only arg keeps the error picklable across processes
+
+    def __str__(self) -> str:
+        return f"invalid config ({len(self.problems)} problem(s)):\n" + "\n".join(
+            f"  - {problem}" for problem in self.problems)
+
+
+# Member names equal their values because OmegaConf reads enum fields by member name.
+class Normalization(StrEnum):
+    RMSNorm = "RMSNorm"
+    LayerNorm = "LayerNorm"
+
+
+class Activation(StrEnum):
+    swiglu = "swiglu"
+    gelu = "gelu"
+
+
+class TokenizerType(StrEnum):
+    hf = "hf"
+    sentencepiece = "sentencepiece"
+    tiktoken = "tiktoken"
+
+
+class LossType(StrEnum):
+    infifpo = "infifpo"
+    fpo = "fpo"
+    dpo = "dpo"
+    ipo = "ipo"
+
+
+class Fusion(StrEnum):
+    mean = "mean"
+    sum = "sum"
+    max_margin = "max_margin"
+
+
+class LRSchedule(StrEnum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the pivot (Llama-style decoder)."""
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 352
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    seq_length: int = 256
+    normalization: Normalization = Normalization.RMSNorm
+    activation: Activation = Activation.swiglu
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = True
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class TokenizerConfig:
+    type: TokenizerType = TokenizerType.sentencepiece
+    path: str = "pkg://mistral_common/data/tokenizer.model.v1"
+    # A template name known to tokenization.py, an explicit jinja string, or None for the tokenizer's own.
+    chat_template: str | None = "mistral"
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None
+
+
+@dataclass
+class SourcesConfig:
+    num_ranks: int = 0  # ranks scoring the source models online; 0 = scores come cached in the data
+
+
+@dataclass
+class LossConfig:
+    type: LossType = LossType.infifpo
+    beta: float = 0.1  # for ipo this is tau
+    length_norm: bool = True
+    clip: bool = True
+    fusion: Fusion = Fusion.mean
+    include_pivot_init: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = "launch/data/tiny_prefs_train.jsonl"
+    eval_path: str | None = None
+    max_prompt_length: int | None = None  # None: prompts are only limited by model.seq_length
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    steps: int = 30
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 3
+    lr_schedule: LRSchedule = LRSchedule.cosine
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    seed: int = 1234
+    precision: Precision = Precision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
+    log_interval: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None  # None: save only at the end of training
+
+
+@dataclass
+class InfiFPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: str = "runs/tiny"
+
+
+def _schema_type(key: str) -> Any:
+    """The annotated type of dotted `key` in the config tree, or None when no such key exists."""
+    node: Any = InfiFPOConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in (hints := get_type_hints(node)):
+            return None
+        node = hints[part]
+    return node
+
+
+def _all_keys(node: type = InfiFPOConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in get_type_hints(node).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            keys.extend(_all_keys(hint, f"{prefix}{name}."))
+    return keys
+
+
+def _unknown_key_problem(key: str, origin: str) -> str:
+    valid_keys = _all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    # A known field name in the wrong section ("train.beta") is a better hint than the closest spelling.
+    same_leaf = [valid for valid in valid_keys if valid.rsplit(".", 1)[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(key, valid_keys, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{key}: unknown key (in {origin}){hint}"
+
+
+def _describe_type(hint: Any) -> str:
+    """What a field accepts, in words: 'int', 'int or null', 'one of: mean, sum, max_margin', ..."""
+    if isinstance(hint, UnionType):
+        return " or ".join("null" if arg is NoneType else _describe_type(arg) for arg in get_args(hint))
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of: " + ", ".join(member.value for member in hint)
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of its sub-keys"
+    return "bool (true/false)" if hint is bool else hint.__name__
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Split a nested mapping into (dotted key, value) leaves, descending only into config sections."""
+    leaves = []
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and dataclasses.is_dataclass(_schema_type(key)):
+            leaves.extend(_flatten(value, f"{key}."))
+        else:
+            leaves.append((key, value))
+    return leaves
+
+
+def _apply(merged: DictConfig, *, key: str, value: Any, origin: str) -> str | None:
+    """Set one dotted key; returns a problem line instead of raising so that all problems get reported."""
+    hint = _schema_type(key)
+    if hint is None:
+        return _unknown_key_problem(key, origin)
+    wrong_type = f"{key}: expected {_describe_type(hint)}, got {value!r} (in {origin})"
+    # OmegaConf would turn any int into a bool (2 -> True); a bool field takes only true/false.
+    if hint is bool and not isinstance(value, bool):
+        return wrong_type
+    try:
+        OmegaConf.update(merged, key, value, merge=True)
+    except OmegaConfBaseException:
+        return wrong_type
+    return None
+
+
+def _read_yaml(path: str | os.PathLike, problems: list[str]) -> dict:
+    """The file as a nested dict; {} after appending to `problems` when it cannot be used."""
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as error:
+        problems.append(f"cannot read config file {os.fspath(path)}: {error}")
+        return {}
+    if not isinstance(loaded, dict):
+        problems.append(f"config file {os.fspath(path)} must hold a mapping at the top level")
+        return {}
+    return loaded
+
+
+def _parse_override(override: str, problems: list[str]) -> dict:
+    """`a.b=value` as {'a': {'b': value}}, the value read as YAML; {} after appending to `problems` if malformed."""
+    key, sep, _ = override.partition("=")
+    if not sep or not key.strip():
+        problems.append(f"malformed override {override!r}: expected key.sub=value, e.g. loss.beta=0.2")
+        return {}
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        problems.append(f"malformed override {override!r}: {error}")
+        return {}
+
+
+def _value_problems(cfg: InfiFPOConfig) -> list[str]:
+    """Checks that need only the config (world-size checks live in `validate_layout`)."""
+    problems = []
+
+    def get(key: str) -> Any:
+        return attrgetter(key)(cfg)
+
+    positive = ["model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
+                "model.ffn_hidden_size", "model.vocab_size", "model.seq_length", "model.make_vocab_size_divisible_by",
+                "model.rotary_base", "model.init_method_std", "parallel.tensor", "parallel.pipeline",
+                "parallel.virtual_pipeline", "loss.beta", "data.max_prompt_length", "train.micro_batch_size",
+                "train.global_batch_size", "train.steps", "train.lr", "train.log_interval", "checkpoint.save_interval"]
+    non_negative = ["sources.num_ranks", "train.min_lr", "train.warmup_steps", "train.weight_decay",
+                    "train.grad_clip", "train.seed"]
+    for key in positive:
+        if (value := get(key)) is not None and value <= 0:
+            problems.append(f"{key}: must be > 0, got {value}")
+    for key in non_negative:
+        if get(key) < 0:
+            problems.append(f"{key}: must be >= 0, got {get(key)}")
+    for key in ["train.adam_beta1", "train.adam_beta2"]:
+        if not 0 <= get(key) < 1:
+            problems.append(f"{key}: must be in [0, 1), got {get(key)}")
+    for key in ["data.path", "tokenizer.path", "run_dir"]:
+        if not get(key).strip():
+            problems.append(f"{key}: must not be empty")
+
+    def divisible(numerator_key: str, denominator_key: str) -> None:
+        numerator, denominator = get(numerator_key), get(denominator_key)
+        if numerator > 0 and denominator > 0 and numerator % denominator:
+            problems.append(f"{numerator_key} ({numerator}) must be divisible by {denominator_key} ({denominator})")
+
+    divisible("model.hidden_size", "model.num_attention_heads")
+    divisible("model.num_attention_heads", "model.num_query_groups")
+    divisible("train.global_batch_size", "train.micro_batch_size")
+    train = cfg.train
+    if train.warmup_steps >= train.steps > 0:  # Megatron's scheduler needs warmup < decay steps
+        problems.append(f"train.warmup_steps ({train.warmup_steps}) must be < train.steps ({train.steps})")
+    if train.min_lr > train.lr > 0:
+        problems.append(f"train.lr ({train.lr}) must be >= train.min_lr ({train.min_lr})")
+    max_prompt = cfg.data.max_prompt_length
+    if max_prompt is not None and max_prompt >= cfg.model.seq_length:
+        problems.append(f"data.max_prompt_length ({max_prompt}) must be < model.seq_length "
+                        f"({cfg.model.seq_length}) to leave room for the response")
+    if cfg.checkpoint.save_interval is not None and cfg.checkpoint.save is None:
+        problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
+    return problems
+
+
+def load_config(*, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> InfiFPOConfig:
+    """Defaults, then the YAML file at `path` (if any), then `overrides` (`key.sub=value`, later wins).
+
+    Raises ConfigError listing every problem found (unknown keys, wrong types, disallowed values, bad sizes).
+    """
+    merged = OmegaConf.structured(InfiFPOConfig)
+    problems: list[str] = []
+    inputs = [(os.fspath(path), _read_yaml(path, problems))] if path is not None else []
+    inputs += [(f"override {override!r}", _parse_override(override, problems)) for override in overrides]
+    for origin, tree in inputs:
+        for key, value in _flatten(tree):
+            if (problem := _apply(merged, key=key, value=value, origin=origin)) is not None:
+                problems.append(problem)
+    try:
+        cfg = OmegaConf.to_object(merged)  # also resolves ${...} interpolations
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "config"
+        raise ConfigError(problems + [f"{key}: cannot resolve: {str(error).splitlines()[0]}"]) from None
+    problems += _value_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
+    """Check that the process layout fits `world_size` ranks; returns the data-parallel size of the pivot.
+
+    Training ranks = world_size - sources.num_ranks = parallel.tensor x parallel.pipeline x data-parallel size.
+    """
+    if world_size < 1:
+        raise ConfigError([f"world size must be >= 1, got {world_size}"])
+    tensor, pipeline, virtual = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline
+    model, train = cfg.model, cfg.train
+    problems = []
+    training_ranks = world_size - cfg.sources.num_ranks
+    ranks_per_replica = tensor * pipeline
+    data_parallel = training_ranks // ranks_per_replica
+    if training_ranks < 1:
+        problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}) leaves no training ranks "
+                        f"in a world of {world_size}")
+    elif training_ranks % ranks_per_replica:
+        problems.append(f"parallel.tensor ({tensor}) x parallel.pipeline ({pipeline}) = {ranks_per_replica} must "
+                        f"divide the {training_ranks} training ranks (world size {world_size} - "
+                        f"sources.num_ranks {cfg.sources.num_ranks})")
+    elif train.global_batch_size % (train.micro_batch_size * data_parallel):
+        problems.append(f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+                        f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size "
+                        f"({data_parallel}) = {train.micro_batch_size * data_parallel}")
+    if virtual is not None and pipeline < 2:
+        problems.append(f"parallel.virtual_pipeline ({virtual}) needs parallel.pipeline > 1, got {pipeline}")
+    stages = pipeline * (virtual or 1)
+    if model.num_layers % stages:
+        per_stage = f" x parallel.virtual_pipeline ({virtual})" if virtual else ""
+        problems.append(f"model.num_layers ({model.num_layers}) must be divisible by "
+                        f"parallel.pipeline ({pipeline}){per_stage}")
+    for key in ["num_attention_heads", "num_query_groups", "ffn_hidden_size"]:
+        if getattr(model, key) % tensor:
+            problems.append(f"model.{key} ({getattr(model, key)}) must be divisible by parallel.tensor ({tensor})")
+    if problems:
+        raise ConfigError(problems)
+    return data_parallel
+
+
+def resolve_precision(cfg: InfiFPOConfig) -> str:
+    """'fp32' or 'bf16'; precision 'auto' picks bf16 on a CUDA device with bf16 support, fp32 otherwise."""
+    if cfg.train.precision != Precision.auto:
+        return cfg.train.precision.value
+    import torch  # here, not at the top: loading and checking a config should not pay for importing torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def to_dict(cfg: InfiFPOConfig) -> dict[str, Any]:
+    """Nested plain dict (enum fields as their string values), for saving and logging."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {
+        name: value.value if isinstance(value, Enum) else value for name, value in items})
+
+
+def save_config(cfg: InfiFPOConfig, *, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML that `load_config(path=...)` reads back to an equal config."""
+    with open(path, "w", encoding="utf-8") as file:
+        yaml.safe_dump(to_dict(cfg), file, sort_keys=False)

@@ -1,0 +1,56 @@
+"""Per-token and per-sequence log-probs of responses from tensor-parallel (vocab-sharded) logits.
+
+Each TP rank holds logits for its slice of the vocabulary. Megatron-Core's ``vocab_parallel_cross_entropy`` computes
+log-softmax with two all-reduces over the TP group (max and sum-exp) plus a masked pick of the target logit, so the
+full vocabulary is never gathered on one rank; we use it in fp32 whatever the model's precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from torch import Tensor
+
+
+def vocab_parallel_token_logps(*, logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(target | prefix) for every position.
+
+    Args:
+        logits: ``[N, S, V / TP]`` this rank's vocabulary slice.
+        targets: ``[N, S]`` token ids in the full (padded) vocabulary.
+
+    Returns:
+        ``[N, S]`` fp32 log-probs, identical on every TP rank (any leading shape works the same way).
+    """
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+
+
+def response_positions(loss_mask: Tensor) -> Tensor:
+    """``[N, S]`` loss mask -> ``[S, N]`` bool: where the model's output layer must produce logits."""
+    return loss_mask.t().bool()
+
+
+def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sequence sums of response log-probs and response lengths.
+
+    Args:
+        logits: ``[1, n, V / TP]`` logits at the n positions of ``response_positions(loss_mask)``, in its order.
+        labels: ``[N, S]`` next-token targets.
+        loss_mask: ``[N, S]`` 1 where ``labels`` is a response token.
+
+    Returns:
+        ``(sums [N], lengths [N])`` fp32.
+    """
+    positions = response_positions(loss_mask)
+    targets = labels.t()[positions]
+    token_logps = vocab_parallel_token_logps(logits=logits, targets=targets.unsqueeze(0)).squeeze(0)
+    sequence_index = positions.nonzero()[:, 1]
+    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    sums = sums.index_add(0, sequence_index, token_logps)
+    return sums, loss_mask.float().sum(dim=-1)
+
+
+def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``[2B, ...]`` laid out chosen-first (``data.collate_pairs``) -> ``(chosen [B, ...], rejected [B, ...])``."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]

@@ -1,0 +1,147 @@
+"""The pivot: a Megatron-Core ``GPTModel`` built for this rank's pipeline stage(s), wrapped in Megatron DDP.
+
+Transformer Engine's layer spec (fused kernels, FP8) on GPUs where TE is installed; Megatron's local spec otherwise
+(CPU, or a GPU image without TE — FP8 then unavailable, said once at start).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from infifpo_mcore.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_ACTIVATIONS = {
+    # name -> (activation, gated linear unit)
+    "swiglu": (torch.nn.functional.silu, True),
+    "gelu": (torch.nn.functional.gelu, False),
+}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def padded_vocab_size(*, vocab_size: int, divisible_by: int, tensor: int) -> int:
+    """Megatron-LM's convention: pad so every TP shard of the embedding has the same, aligned size."""
+    multiple = divisible_by * tensor
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def build_transformer_config(
+    *, model: ModelConfig, tensor: int, pipeline: int, virtual_pipeline: int | None, precision: str
+) -> TransformerConfig:
+    activation, gated = _ACTIVATIONS[model.activation]
+    dtype = _DTYPES[precision]
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision == "bf16",
+        # CPU init draws the full matrix then slices it, so a fresh model is identical at any TP size.
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels exist only on GPU.
+        bias_activation_fusion=on_gpu and gated,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _layer_spec(config: TransformerConfig):
+    if transformer_engine_available():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=None, moe_grouped_gemm=False, qk_layernorm=False
+        )
+    if torch.cuda.is_available():
+        logger.warning("Transformer Engine is not installed: local layer spec, no FP8 (install TE for fused/FP8 layers).")
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+
+
+class ResponseOnlyLogits:
+    """Runs the last stage's output layer only at the positions the loss reads (the response tokens).
+
+    A preference row's response is a few dozen of the sequence's tokens, yet the vocabulary projection is the largest
+    matmul of a small model: projecting every position wastes most of it and materialises ``[S, B, V/TP]`` logits.
+    A forward pre-hook on ``output_layer`` keeps the hidden states at ``positions`` (``[S, B]`` bool, set before each
+    forward), so GPTModel returns ``[1, n, V/TP]`` logits for those n positions, in ``[S, B]`` row-major order.
+    Incompatible with sequence parallelism (the sequence is sharded before the output layer), which we keep off.
+    """
+
+    def __init__(self, gpt: GPTModel):
+        self.positions: torch.Tensor | None = None
+        gpt.output_layer.register_forward_pre_hook(self._select)
+
+    def _select(self, module, args):
+        if self.positions is None:
+            return None
+        hidden_states = args[0]  # [S, B, H]
+        return (hidden_states[self.positions].unsqueeze(1), *args[1:])
+
+
+def set_response_positions(model: DistributedDataParallel, positions: torch.Tensor) -> None:
+    """Selects the output positions of the next forward of this chunk (a no-op off the last stage)."""
+    selector = getattr(model.module, "response_logits", None)
+    if selector is not None:
+        selector.positions = positions
+
+
+def build_pivot(
+    *, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device
+) -> list[DistributedDataParallel]:
+    """One DDP-wrapped GPTModel chunk per virtual pipeline stage of this rank (a single chunk without VPP)."""
+    spec = _layer_spec(config)
+    chunks = config.virtual_pipeline_model_parallel_size or 1
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+    )
+    wrapped = []
+    for vp_stage in range(chunks):
+        vp = vp_stage if chunks > 1 else None
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=model.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=model.rotary_base,
+            vp_stage=vp,
+        ).to(device)
+        if gpt.post_process:
+            gpt.response_logits = ResponseOnlyLogits(gpt)
+        wrapped.append(
+            DistributedDataParallel(
+                config=config, ddp_config=ddp_config, module=gpt, disable_bucketing=vp_stage > 0
+            )
+        )
+    return wrapped

@@ -1,0 +1,308 @@
+"""Run monitoring: JSONL + TensorBoard metrics, progress bar, throughput / MFU, NVML GPU stats, end-of-run summary.
+
+Everything here is cheap and rank-agnostic: the caller decides which rank logs (``enabled=`` on rank 0 only).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Keys every line of metrics.jsonl carries (the DESIGN.md contract); the trainer may add more.
+REQUIRED_STEP_KEYS = (
+    "step", "loss", "lr", "grad_norm",
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected", "tokens_per_sec",
+)
+
+
+class MetricsLogger:
+    """Appends one JSON object per optimizer step to ``<run_dir>/metrics.jsonl`` and the same scalars to TensorBoard.
+
+    Each line is flushed as it is written, so a crash loses nothing already logged. Lines are strict JSON
+    (non-finite values are written as ``null``) so jq, pandas and friends read the file. A resumed run appends.
+    TensorBoard events go to ``<run_dir>/tensorboard``; when the ``tensorboard`` package is missing this warns once
+    and the JSONL file is still written. A disabled logger (non-zero ranks) touches no file.
+    """
+
+    def __init__(self, *, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._writer = None
+        if not enabled:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.metrics_path.open("a", encoding="utf-8")
+        if tensorboard:
+            self._writer = _open_tensorboard(Path(run_dir) / "tensorboard")
+
+    def log(self, *, step: int, metrics: Mapping[str, float]) -> None:
+        if self._file is None:
+            return
+        values = {name: float(value) for name, value in metrics.items()}
+        record = {"step": step, **{name: value if math.isfinite(value) else None for name, value in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(name, value, global_step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _open_tensorboard(log_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboard is not installed: TensorBoard logging is off, metrics.jsonl is still written "
+                       "(pip install tensorboard to turn it on)")
+        return None
+    # flush_secs: a crash should lose at most a few seconds of curves, not the default two minutes.
+    return SummaryWriter(log_dir=str(log_dir), flush_secs=10)
+
+
+class ProgressBar:
+    """A tqdm bar over optimizer steps on stderr, showing loss, reward accuracy and tokens/s.
+
+    Off a TTY (batch logs) the bar redraws rarely and in ASCII so log files stay readable.
+    """
+
+    def __init__(self, *, total: int, enabled: bool, initial: int = 0) -> None:
+        interactive = sys.stderr.isatty()
+        self._bar = tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr, unit="step",
+                         dynamic_ncols=True, ascii=not interactive, mininterval=0.1 if interactive else 30.0)
+
+    def update(self, step_metrics: Mapping[str, float]) -> None:
+        postfix = {}
+        if "loss" in step_metrics:
+            postfix["loss"] = f"{step_metrics['loss']:.4f}"
+        if "rewards/accuracies" in step_metrics:
+            postfix["acc"] = f"{step_metrics['rewards/accuracies']:.2f}"
+        if "tokens_per_sec" in step_metrics:
+            postfix["tok/s"] = f"{step_metrics['tokens_per_sec']:,.0f}"
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class Throughput:
+    """Tokens per second per optimizer step and over the run.
+
+    Call ``step(tokens=...)`` once per optimizer step with the tokens that step processed (across all
+    data-parallel ranks if you want the global rate); the step's time is measured from the previous call
+    (or from construction / ``restart_clock``). Call ``restart_clock`` after pauses that are not training
+    (eval, checkpoint save) so they do not count.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._last = clock()
+        self.total_tokens = 0
+        self.total_seconds = 0.0
+
+    def restart_clock(self) -> None:
+        self._last = self._clock()
+
+    def step(self, *, tokens: int) -> float:
+        """Record one step; return that step's tokens/s."""
+        now = self._clock()
+        seconds, self._last = now - self._last, now
+        self.total_tokens += tokens
+        self.total_seconds += seconds
+        return tokens / seconds if seconds > 0 else 0.0
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Mean over every recorded step (total tokens / total step time)."""
+        return self.total_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+
+def gpt_flops_per_token(*, num_layers: int, hidden_size: int, ffn_hidden_size: int, num_attention_heads: int,
+                        num_query_groups: int, vocab_size: int, seq_length: int, swiglu: bool) -> float:
+    """Training FLOPs (forward + backward) per token of a GPT decoder, the usual ``6 N + 12 L s h`` count.
+
+    With L layers, hidden h, FFN width f, a heads, g query groups (GQA), vocab V, sequence length s, and
+    kv = h * g / a (the width of K and of V), the matmul parameters a token goes through are
+
+        N = L * (h * (h + 2 kv)        QKV projection
+                 + h * h               attention output projection
+                 + m * h * f)          MLP: m = 3 with SwiGLU (gate, up, down), m = 2 otherwise
+            + h * V                    output logits (counted even when tied to the embedding)
+
+    A matmul costs 2 FLOPs per parameter per token forward and twice that backward, hence 6 N. Attention
+    adds, per layer and token, QK^T (2 s h) and scores x V (2 s h) forward, x3 for fwd+bwd: 12 L s h.
+    This is the full s x s count (Megatron/PaLM convention), not halved for the causal mask, and it ignores
+    norms, activations, softmax and the embedding lookup.
+    """
+    kv_width = hidden_size * num_query_groups / num_attention_heads
+    mlp_matrices = 3 if swiglu else 2
+    per_layer_params = (hidden_size * (hidden_size + 2 * kv_width) + hidden_size * hidden_size
+                        + mlp_matrices * hidden_size * ffn_hidden_size)
+    matmul_params = num_layers * per_layer_params + hidden_size * vocab_size
+    attention_flops = 12 * num_layers * seq_length * hidden_size
+    return 6 * matmul_params + attention_flops
+
+
+def mfu(*, flops_per_token: float, tokens_per_sec: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak FLOP/s of the devices that
+    produced ``tokens_per_sec`` (per-device peak x device count when the rate is global)."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be > 0, got {peak_flops}")
+    return flops_per_token * tokens_per_sec / peak_flops
+
+
+# Dense BF16 tensor-core peaks from NVIDIA datasheets, matched in order against torch.cuda.get_device_name().
+_PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12),
+    ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+)
+
+
+def peak_bf16_flops(*, device_name: str) -> float | None:
+    """Per-device dense BF16 peak FLOP/s for known GPUs (e.g. "NVIDIA H100 80GB HBM3"); None when unknown."""
+    return next((peak for marker, peak in _PEAK_BF16_FLOPS if marker in device_name), None)
+
+
+@functools.cache
+def _nvml() -> ModuleType | None:
+    """pynvml, initialised once per process; None without nvidia-ml-py or without an NVIDIA driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as error:  # no driver / no libnvidia-ml: the normal case on a CPU box
+        logger.debug("NVML unavailable: %s", error)
+        return None
+    return pynvml
+
+
+def gpu_stats(*, device: int | None = None) -> dict[str, float]:
+    """Utilisation, memory and power of a CUDA device (default: the current one) via NVML.
+
+    Returns ``{"gpu/utilization_pct", "gpu/memory_used_gib", "gpu/memory_total_gib", "gpu/power_w"}``, leaving
+    out any reading the device does not support (e.g. utilisation on a MIG slice), and ``{}`` quietly without a
+    GPU, nvidia-ml-py or NVML. The device is found by UUID so CUDA_VISIBLE_DEVICES remapping is respected.
+    """
+    if not torch.cuda.is_available():
+        return {}
+    nvml = _nvml()
+    if nvml is None:
+        return {}
+    index = torch.cuda.current_device() if device is None else device
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    try:
+        handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    except nvml.NVMLError:
+        return {}
+    readings = {
+        "gpu/utilization_pct": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+        "gpu/memory_used_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30,
+        "gpu/memory_total_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
+        "gpu/power_w": lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000,  # NVML reports milliwatts
+    }
+    stats = {}
+    for name, read in readings.items():
+        try:
+            stats[name] = float(read())
+        except nvml.NVMLError:
+            continue
+    return stats
+
+
+def describe_reference(*, loss_type: str, num_sources: int, fusion: str, include_pivot_init: bool) -> str:
+    """The summary's "reference:" text: what the policy was compared against."""
+    if loss_type in ("dpo", "ipo"):
+        detail = ("the data carries no source scores" if num_sources == 0
+                  else f"the {num_sources} source scores in the data are not used")
+        return f"pivot init ({loss_type.upper()}) — {detail}"
+    # FPO has no fusion strategies: it always averages the sources.
+    fusion_used = "mean" if loss_type == "fpo" else fusion
+    members = f"{num_sources} source{'' if num_sources == 1 else 's'}"
+    if include_pivot_init:
+        members += " + pivot init"
+    return f"fused from {members} (fusion={fusion_used})"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    steps_run: int
+    loss_first: float | None           # None when no step ran (e.g. resumed at the last step)
+    loss_last: float | None
+    reward_accuracy: float | None      # mean of "rewards/accuracies" over the last accuracy_window steps
+    accuracy_window: int
+    tokens_per_sec: float
+    wall_seconds: float
+    reference: str
+    checkpoint_path: str | None
+    metrics_path: str | None
+    mfu: float | None = None
+
+
+def summarize_run(*, history: Sequence[Mapping[str, float]], accuracy_window: int = 5, tokens_per_sec: float,
+                  wall_seconds: float, reference: str, checkpoint_path: str | None, metrics_path: str | None,
+                  mfu: float | None = None) -> RunSummary:
+    """Build a RunSummary from the per-step metric dicts of this run (oldest first)."""
+    recent = [step["rewards/accuracies"] for step in history[-accuracy_window:] if "rewards/accuracies" in step]
+    return RunSummary(
+        steps_run=len(history),
+        loss_first=history[0]["loss"] if history else None,
+        loss_last=history[-1]["loss"] if history else None,
+        reward_accuracy=sum(recent) / len(recent) if recent else None,
+        accuracy_window=len(recent),
+        tokens_per_sec=tokens_per_sec, wall_seconds=wall_seconds, reference=reference,
+        checkpoint_path=checkpoint_path, metrics_path=metrics_path, mfu=mfu,
+    )
+
+
+def format_summary(summary: RunSummary) -> str:
+    """A plain text block for the end of a run."""
+    if summary.loss_first is None or summary.loss_last is None:
+        loss = "n/a (no steps run)"
+    else:
+        loss = f"{summary.loss_first:.4f} -> {summary.loss_last:.4f}"
+    accuracy = ("n/a" if summary.reward_accuracy is None
+                else f"{summary.reward_accuracy:.3f} (mean of last {summary.accuracy_window} steps)")
+    minutes, seconds = divmod(summary.wall_seconds, 60)
+    rows = [
+        ("steps run", str(summary.steps_run)),
+        ("loss", loss),
+        ("reward accuracy", accuracy),
+        ("tokens/s", f"{summary.tokens_per_sec:,.1f}"),
+        *([("MFU", f"{summary.mfu:.1%}")] if summary.mfu is not None else []),
+        ("wall time", f"{int(minutes)}m {seconds:04.1f}s"),
+        ("reference", summary.reference),
+        ("checkpoint", summary.checkpoint_path or "none saved"),
+        ("metrics", summary.metrics_path or "not written"),
+    ]
+    width = max(len(label) for label, _ in rows) + 2
+    return "\n".join(["run summary", *(f"  {label + ':':<{width}}{value}" for label, value in rows)])

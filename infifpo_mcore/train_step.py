@@ -1,0 +1,92 @@
+"""``forward_step`` for Megatron-Core's pipeline schedule, and the loss on the last pipeline stage.
+
+Schedule contract: ``forward_step(data_iterator, model) -> (output, loss_func)``. Every stage runs the model; only the
+last stage's output (vocab-sharded logits) reaches ``loss_func``, which turns it into response log-probs, joins the
+reference scores the batch carries (pivot init, sources) and applies the pure loss from ``losses``.
+
+Loss scaling: ``loss_func`` returns the mean over its micro-batch's rows; the schedule divides by the number of
+micro-batches and Megatron DDP averages gradients over data-parallel ranks, so the gradient is that of the mean over
+the global batch (every micro-batch has the same number of rows).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from infifpo_mcore import losses
+from infifpo_mcore.config import LossConfig
+from infifpo_mcore.data import PreferenceBatch
+from infifpo_mcore.logprobs import response_positions, response_sequence_logps, split_pairs
+from infifpo_mcore.model import set_response_positions
+
+_REFERENCE_KEYS = (
+    "init_chosen_logps",
+    "init_rejected_logps",
+    "source_chosen_logps",
+    "source_rejected_logps",
+    "source_chosen_lengths",
+    "source_rejected_lengths",
+)
+
+
+def _run_model(model: torch.nn.Module, batch: PreferenceBatch) -> Tensor:
+    set_response_positions(model, response_positions(batch["loss_mask"]))
+    # attention_mask=None: the layer spec applies the causal mask; right padding is masked out of the loss instead.
+    return model(batch["tokens"], batch["position_ids"], None)
+
+
+def _response_logps(logits: Tensor, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+    return response_sequence_logps(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"])
+
+
+def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Last stage: response ``logits [1, n, V/TP]`` -> (mean loss over the B rows, metrics averaged over the rows)."""
+    sums, lengths = _response_logps(logits, batch)
+    chosen_sums, rejected_sums = split_pairs(sums)
+    chosen_lengths, rejected_lengths = split_pairs(lengths)
+    logps: losses.PreferenceLogps = {
+        "policy_chosen_logps": chosen_sums,
+        "policy_rejected_logps": rejected_sums,
+        "policy_chosen_lengths": chosen_lengths,
+        "policy_rejected_lengths": rejected_lengths,
+    }
+    logps.update({key: batch[key] for key in _REFERENCE_KEYS if key in batch})
+    row_losses, row_metrics = losses.compute_loss(
+        loss_type=loss.type,
+        logps=logps,
+        beta=loss.beta,
+        length_norm=loss.length_norm,
+        clip=loss.clip,
+        fusion=loss.fusion,
+        include_pivot_init=loss.include_pivot_init,
+    )
+    mean_loss = row_losses.mean()
+    # The schedule divides the returned loss in place: report a copy (NOTES.md).
+    reported = {"loss": mean_loss.detach().clone()}
+    reported.update({name: value.detach().float().mean() for name, value in row_metrics.items()})
+    return mean_loss, reported
+
+
+def sequence_scores(logits: Tensor, *, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward-only scoring (pivot init): per-row response sums, keyed by row id; no loss."""
+    sums, _ = _response_logps(logits, batch)
+    chosen_sums, rejected_sums = split_pairs(sums)
+    scores = {"row_ids": batch["row_ids"], "chosen_logps": chosen_sums.detach(), "rejected_logps": rejected_sums.detach()}
+    return torch.zeros((), device=logits.device), scores
+
+
+def training_forward_step(loss: LossConfig) -> Callable:
+    def forward_step(data_iterator: Iterator[PreferenceBatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        return _run_model(model, batch), partial(preference_loss, batch=batch, loss=loss)
+
+    return forward_step
+
+
+def scoring_forward_step(data_iterator: Iterator[PreferenceBatch], model: torch.nn.Module):
+    batch = next(data_iterator)
+    return _run_model(model, batch), partial(sequence_scores, batch=batch)

@@ -1,0 +1,340 @@
+"""The training loop, in Megatron-Core's canonical order.
+
+init distributed -> tokenizer + data -> pivot (GPTModel per stage, DDP) -> distributed optimizer + LR schedule
+-> [load checkpoint] -> [pivot-init scores] -> for each step: forward/backward through the pipeline schedule,
+``finalize_model_grads``, optimizer step, metrics from the last stage to rank 0 -> [save checkpoint] -> summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from infifpo_mcore import checkpointing, monitoring
+from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, save_config, validate_layout
+from infifpo_mcore.data import PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs, load_preference_dataset
+from infifpo_mcore.model import build_pivot, build_transformer_config, padded_vocab_size
+from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel
+from infifpo_mcore.tokenization import build_tokenizer
+from infifpo_mcore.train_step import scoring_forward_step, training_forward_step
+
+logger = logging.getLogger(__name__)
+
+# Loss types whose reference is fused from source scores, which the data must then carry.
+_FUSED_REFERENCE_LOSSES = ("infifpo", "fpo")
+
+
+def _pair_tokens(example) -> int:
+    """Real (non-pad) tokens the pivot processes for one row: prompt + chosen, prompt + rejected."""
+    return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+
+
+def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
+    train = cfg.train
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        clip_grad=train.grad_clip,
+        bf16=precision == "bf16",
+        params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        use_distributed_optimizer=True,
+    )
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=train.warmup_steps,
+        lr_decay_steps=train.steps,
+        lr_decay_style=str(train.lr_schedule),
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=train.steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+class Trainer:
+    """Holds what one run builds; ``fit`` runs the loop. Every training rank constructs one."""
+
+    def __init__(self, cfg: InfiFPOConfig, ctx: ParallelContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.precision = resolve_precision(cfg)
+        self.run_dir = Path(cfg.run_dir)
+        tokenizer = build_tokenizer(
+            type=str(cfg.tokenizer.type), path=cfg.tokenizer.path, chat_template=cfg.tokenizer.chat_template
+        )
+        self.tokenizer = tokenizer
+        self.dataset: PreferenceDataset = load_preference_dataset(
+            path=cfg.data.path,
+            tokenizer=tokenizer,
+            seq_length=cfg.model.seq_length,
+            max_prompt_length=cfg.data.max_prompt_length,
+        )
+        if str(cfg.loss.type) in _FUSED_REFERENCE_LOSSES and self.dataset.num_sources == 0:
+            raise ConfigError(
+                f"loss.type={cfg.loss.type} needs source scores (fuse_* fields) in {cfg.data.path}, which has none; "
+                "score the sources first (launch/score_sources.py) or use loss.type=dpo|ipo"
+            )
+        vocab = cfg.model.vocab_size or tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(
+            vocab_size=vocab, divisible_by=cfg.model.make_vocab_size_divisible_by, tensor=ctx.tensor
+        )
+        self.transformer_config = build_transformer_config(
+            model=cfg.model,
+            tensor=ctx.tensor,
+            pipeline=ctx.pipeline,
+            virtual_pipeline=cfg.parallel.virtual_pipeline,
+            precision=self.precision,
+        )
+        self.model = build_pivot(
+            model=cfg.model, config=self.transformer_config, vocab_size=self.vocab_size, device=ctx.device
+        )
+        self.transformer_config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision)
+        self.micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.data)
+        self.step = 0
+        self.init_scores: dict[str, torch.Tensor] | None = None
+        self.sampler = ResumableSampler(
+            num_rows=len(self.dataset), seed=cfg.train.seed, dp_rank=ctx.data_rank, dp_size=ctx.data,
+            shuffle=cfg.data.shuffle,
+        )
+        if cfg.checkpoint.load:
+            self._load(Path(cfg.checkpoint.load))
+        self.row_order = iter(self.sampler)
+        if self._needs_init_scores():
+            self.init_scores = self._score_pivot_init()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Data
+    def _needs_init_scores(self) -> bool:
+        """DPO/IPO and InfiFPO's clipping need pivot-init scores; computed once when the data has none cached."""
+        if self.dataset.has_init_logps or self.init_scores is not None:
+            return False
+        loss = self.cfg.loss
+        return str(loss.type) in ("dpo", "ipo") or (str(loss.type) == "infifpo" and (loss.clip or loss.include_pivot_init))
+
+    def _batch(self, indices: list[int]) -> PreferenceBatch:
+        batch = collate_pairs(
+            [self.dataset[i] for i in indices], seq_length=self.cfg.model.seq_length, pad_id=self.tokenizer.pad_id
+        )
+        if self.init_scores is not None:
+            rows = torch.as_tensor(indices)
+            batch["init_chosen_logps"] = self.init_scores["chosen_logps"][rows]
+            batch["init_rejected_logps"] = self.init_scores["rejected_logps"][rows]
+        return {k: v.to(self.ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _data_iterator(self, batches: list[PreferenceBatch]) -> Iterator[PreferenceBatch] | list:
+        if len(self.model) == 1:
+            return iter(batches)
+        return [iter(batches) for _ in self.model]  # each virtual stage walks the same micro-batches
+
+    def _run_schedule(self, forward_step, batches: list[PreferenceBatch], *, forward_only: bool) -> list[dict]:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=self._data_iterator(batches),
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(batches),
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=2 * self.cfg.train.micro_batch_size,  # chosen + rejected of each row
+            decoder_seq_length=self.cfg.model.seq_length,
+            forward_only=forward_only,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Pivot-init reference
+    @torch.no_grad()
+    def _score_pivot_init(self) -> dict[str, torch.Tensor] | None:
+        """Forward-only pass of the untrained pivot over every row; the last stage keeps a full table.
+
+        Rows are dealt round-robin over data-parallel ranks (each rank padded to the same count by repeating its last
+        row), then the last-stage ranks all-gather their shares. Other stages return None.
+        """
+        size, rank = self.ctx.data, self.ctx.data_rank
+        mbs = self.cfg.train.micro_batch_size
+        total = len(self.dataset)
+        per_rank = math.ceil(math.ceil(total / size) / mbs) * mbs
+        mine = list(range(rank, total, size))
+        mine += [mine[-1]] * (per_rank - len(mine))
+        if self.ctx.rank == 0:
+            logger.info("data has no pivot-init scores (ref_*): scoring %d rows with the pivot init, once", total)
+        for chunk in self.model:
+            chunk.eval()
+        batches = [self._batch(mine[i : i + mbs]) for i in range(0, per_rank, mbs)]
+        outputs = self._run_schedule(scoring_forward_step, batches, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        if not self.ctx.is_last_stage:
+            return None
+        local = {key: torch.cat([out[key] for out in outputs]).float().cpu() for key in ("chosen_logps", "rejected_logps")}
+        local_rows = torch.as_tensor(mine)
+        table = {key: torch.zeros(total) for key in local}
+        group = parallel_state.get_data_parallel_group(with_context_parallel=False)
+        gathered_rows = [torch.empty_like(local_rows) for _ in range(size)]
+        dist.all_gather(gathered_rows, local_rows.to(self.ctx.device), group=group)
+        for key, values in local.items():
+            gathered = [torch.empty_like(values) for _ in range(size)]
+            dist.all_gather(gathered, values.to(self.ctx.device), group=group)
+            table[key][torch.cat(gathered_rows).cpu()] = torch.cat(gathered).cpu()
+        return table
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    def _load(self, path: Path) -> None:
+        state = checkpointing.load_checkpoint(path=path, model_chunks=self.model, optimizer=self.optimizer)
+        if state:
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.init_scores = checkpointing.load_init_scores(path)
+        if self.ctx.rank == 0:
+            logger.info("loaded %s (step %d)", path, self.step)
+
+    def _save(self) -> Path:
+        writes_scores = (
+            self.init_scores is not None
+            and self.ctx.is_last_stage
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and self.ctx.data_rank == 0
+        )
+        return checkpointing.save_checkpoint(
+            root=Path(self.cfg.checkpoint.save),
+            step=self.step,
+            model_chunks=self.model,
+            optimizer=self.optimizer,
+            train_state={
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),  # every data-parallel rank is at the same position
+                "scheduler": self.scheduler.state_dict(),
+                "has_optimizer": True,
+            },
+            init_scores=self.init_scores if writes_scores else None,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Steps
+    def _next_global_batch(self) -> tuple[list[PreferenceBatch], int]:
+        """This rank's micro-batches of the next global batch, and the global batch's real (non-pad) token count."""
+        mbs = self.cfg.train.micro_batch_size
+        batches, tokens = [], 0
+        for _ in range(self.micro_batches):
+            indices = [next(self.row_order) for _ in range(mbs)]
+            batches.append(self._batch(indices))
+            tokens += sum(_pair_tokens(self.dataset[i]) for i in indices)
+        total = torch.tensor([tokens], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
+        return batches, int(total.item())
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch; returns the step's metrics (on every rank)."""
+        batches, tokens = self._next_global_batch()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(training_forward_step(self.cfg.loss), batches, forward_only=False)
+        self.scheduler.step(increment=1)  # the lr of step k is the schedule's value at k + 1: no lr=0 first step
+        lr = self.optimizer.param_groups[0]["lr"]
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.step += 1
+        metrics = self._reduce_metrics(outputs)
+        metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), skipped=float(not update_ok), tokens=float(tokens))
+        return metrics
+
+    def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
+        """Last stage: mean over micro-batches, then over data-parallel ranks; then sent down the pipeline."""
+        metrics = None
+        if self.ctx.is_last_stage:
+            names = sorted(outputs[0])
+            local = torch.stack([torch.stack([out[name].float() for out in outputs]).mean() for name in names])
+            dist.all_reduce(local, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
+            metrics = dict(zip(names, (local / self.ctx.data).tolist()))
+        box = [metrics]
+        dist.broadcast_object_list(
+            box,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        return box[0]
+
+    def fit(self) -> monitoring.RunSummary:
+        cfg, ctx = self.cfg, self.ctx
+        log_rank = ctx.is_logging_rank
+        if log_rank:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, path=self.run_dir / "config.yaml")
+        metrics_logger = monitoring.MetricsLogger(run_dir=self.run_dir, enabled=log_rank)
+        progress = monitoring.ProgressBar(total=cfg.train.steps, enabled=log_rank, initial=self.step)
+        throughput = monitoring.Throughput()
+        history: list[dict[str, float]] = []
+        checkpoint_path = None
+        started = time.perf_counter()
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                metrics["tokens_per_sec"] = throughput.step(tokens=int(metrics.pop("tokens")))
+                history.append(metrics)
+                metrics_logger.log(step=self.step, metrics=metrics)
+                progress.update(metrics)
+                interval = cfg.checkpoint.save_interval
+                if cfg.checkpoint.save and interval and self.step % interval == 0 and self.step < cfg.train.steps:
+                    checkpoint_path = self._save()
+                    throughput.restart_clock()
+            if cfg.checkpoint.save:
+                checkpoint_path = self._save()
+        finally:
+            progress.close()
+            metrics_logger.close()
+        summary = monitoring.summarize_run(
+            history=history,
+            tokens_per_sec=throughput.tokens_per_sec,
+            wall_seconds=time.perf_counter() - started,
+            reference=monitoring.describe_reference(
+                loss_type=str(cfg.loss.type),
+                num_sources=self.dataset.num_sources,
+                fusion=str(cfg.loss.fusion),
+                include_pivot_init=cfg.loss.include_pivot_init,
+            ),
+            checkpoint_path=str(checkpoint_path) if checkpoint_path else None,
+            metrics_path=str(metrics_logger.metrics_path),
+        )
+        if log_rank:
+            print(monitoring.format_summary(summary), flush=True)
+        return summary
+
+
+def train(cfg: InfiFPOConfig) -> monitoring.RunSummary:
+    """Entry point used by launch/pretrain_infifpo.py: every process of the job calls it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_layout(cfg, world_size=world_size)  # before any process group exists: a clear message, not a hang
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger("infifpo_mcore").setLevel(logging.INFO)
+    ctx = init_parallel(
+        tensor=cfg.parallel.tensor,
+        pipeline=cfg.parallel.pipeline,
+        virtual_pipeline=cfg.parallel.virtual_pipeline,
+        seed=cfg.train.seed,
+    )
+    try:
+        return Trainer(cfg, ctx).fit()
+    finally:
+        destroy_parallel()

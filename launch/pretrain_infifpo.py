@@ -1,0 +1,44 @@
+"""Train a Megatron-Core pivot with InfiFPO (or DPO / IPO / FPO) preference optimisation.
+
+Single machine, the tiny CPU default (TP 2 x PP 2, gloo, fp32; config launch/configs/tiny_cpu.yaml)::
+
+    torchrun --nproc_per_node 4 launch/pretrain_infifpo.py
+
+Your own config plus dotted overrides (data parallel = world / (tensor * pipeline))::
+
+    torchrun --nproc_per_node 8 launch/pretrain_infifpo.py --config my.yaml parallel.tensor=2 loss.beta=0.2
+
+Several nodes (run on every node; see launch/slurm/ for Slurm)::
+
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \
+        launch/pretrain_infifpo.py --config my.yaml
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from infifpo_mcore.config import ConfigError, load_config
+from infifpo_mcore.trainer import train
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the tiny CPU run)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 loss.type=dpo")
+    args = parser.parse_args()
+    try:
+        config = load_config(path=args.config, overrides=args.overrides)
+    except ConfigError as error:
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
+            print(f"config error: {error}", file=sys.stderr)
+        return 2
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

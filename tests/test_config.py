@@ -1,0 +1,237 @@
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infifpo_mcore.config import (
+    ConfigError,
+    InfiFPOConfig,
+    LossType,
+    ModelConfig,
+    ParallelConfig,
+    load_config,
+    resolve_precision,
+    save_config,
+    to_dict,
+    validate_layout,
+)
+
+TINY_YAML = Path(__file__).resolve().parents[1] / "launch" / "configs" / "tiny_cpu.yaml"
+
+
+def problems_of(*, overrides: list[str], path: Path | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path=path, overrides=overrides)
+    return str(caught.value)
+
+
+def flat_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in tree.items():
+        keys |= flat_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name}
+    return keys
+
+
+# --- loading and merging ---------------------------------------------------------------------------------------
+
+def test_tiny_yaml_equals_defaults_except_parallel():
+    expected = dataclasses.replace(InfiFPOConfig(), parallel=ParallelConfig(tensor=2, pipeline=2))
+    assert load_config(path=TINY_YAML) == expected
+
+
+def test_tiny_yaml_lists_every_key():
+    assert flat_keys(yaml.safe_load(TINY_YAML.read_text())) == flat_keys(to_dict(InfiFPOConfig()))
+
+
+def test_no_path_gives_defaults():
+    assert load_config(path=None, overrides=[]) == InfiFPOConfig()
+
+
+def test_overrides_apply_on_top_of_yaml_with_types_converted():
+    cfg = load_config(path=TINY_YAML, overrides=[
+        "loss.beta=0.2", "checkpoint.save=/x", "data.eval_path=null", "train.lr=1e-2", "loss.type=dpo",
+        "model.vocab_size=512", "loss.clip=false", "train.steps=10", "train.steps=12",  # the later one wins
+        "loss={fusion: max_margin, include_pivot_init: true}",
+    ])
+    assert isinstance(cfg, InfiFPOConfig) and isinstance(cfg.model, ModelConfig)
+    assert cfg.loss.beta == 0.2 and isinstance(cfg.loss.beta, float)
+    assert cfg.checkpoint.save == "/x"
+    assert cfg.data.eval_path is None
+    assert cfg.train.lr == 0.01
+    assert cfg.loss.type == "dpo" and cfg.loss.type is LossType.dpo
+    assert cfg.model.vocab_size == 512
+    assert cfg.loss.clip is False
+    assert cfg.train.steps == 12
+    assert cfg.loss.fusion == "max_margin" and cfg.loss.include_pivot_init is True
+    assert cfg.parallel.tensor == 2  # untouched YAML values survive
+    assert cfg.model.hidden_size == 128
+
+
+def test_float_field_accepts_an_int_and_interpolation_resolves():
+    cfg = load_config(overrides=["loss.beta=1", "train.lr=${train.min_lr}"])
+    assert cfg.loss.beta == 1.0 and isinstance(cfg.loss.beta, float)
+    assert cfg.train.lr == cfg.train.min_lr
+
+
+def test_dotted_keys_inside_yaml(tmp_path):
+    config_file = tmp_path / "dotted.yaml"
+    config_file.write_text("loss.beta: 0.3\ntrain:\n  steps: 7\n")
+    cfg = load_config(path=config_file)
+    assert (cfg.loss.beta, cfg.train.steps) == (0.3, 7)
+
+
+# --- rejection: every message names the dotted key and what it accepts -------------------------------------------
+
+@pytest.mark.parametrize("override, fragments", [
+    ("loss.bta=0.2", ["loss.bta", "unknown key", "did you mean 'loss.beta'"]),
+    ("train.beta=0.2", ["train.beta", "unknown key", "did you mean 'loss.beta'"]),
+    ("modle.num_layers=2", ["modle", "unknown key", "did you mean 'model'"]),
+    ("train.steps=abc", ["train.steps", "expected int", "'abc'"]),
+    ("train.steps=null", ["train.steps", "expected int"]),
+    ("train.steps=2.5", ["train.steps", "expected int", "2.5"]),
+    ("model.vocab_size=many", ["model.vocab_size", "int or null"]),
+    ("loss.beta=high", ["loss.beta", "expected float"]),
+    ("loss.clip=2", ["loss.clip", "bool"]),
+    ("model=3", ["model", "mapping"]),
+    ("loss.type=wrpo", ["loss.type", "infifpo, fpo, dpo, ipo", "'wrpo'"]),
+    ("loss.fusion=median", ["loss.fusion", "mean, sum, max_margin"]),
+    ("train.precision=fp16", ["train.precision", "auto, fp32, bf16"]),
+    ("train.lr_schedule=step", ["train.lr_schedule", "cosine, linear, constant"]),
+    ("tokenizer.type=bpe", ["tokenizer.type", "hf, sentencepiece, tiktoken"]),
+    ("model.normalization=rmsnorm", ["model.normalization", "RMSNorm, LayerNorm"]),
+    ("model.activation=relu", ["model.activation", "swiglu, gelu"]),
+    ("model.num_layers=0", ["model.num_layers", "> 0", "0"]),
+    ("train.micro_batch_size=-1", ["train.micro_batch_size", "> 0", "-1"]),
+    ("parallel.tensor=0", ["parallel.tensor", "> 0"]),
+    ("model.vocab_size=0", ["model.vocab_size", "> 0"]),
+    ("sources.num_ranks=-1", ["sources.num_ranks", ">= 0"]),
+    ("loss.beta=0", ["loss.beta", "> 0"]),
+    ("loss.beta=-0.1", ["loss.beta", "> 0"]),
+    ("train.min_lr=-1e-5", ["train.min_lr", ">= 0"]),
+    ("train.min_lr=1e-2", ["train.lr (0.001) must be >= train.min_lr (0.01)"]),
+    ("train.adam_beta2=1.0", ["train.adam_beta2", "[0, 1)"]),
+    ("model.hidden_size=130", ["model.hidden_size (130)", "divisible by model.num_attention_heads (4)"]),
+    ("model.num_query_groups=3", ["model.num_attention_heads (4)", "divisible by model.num_query_groups (3)"]),
+    ("train.global_batch_size=7", ["train.global_batch_size (7)", "divisible by train.micro_batch_size (2)"]),
+    ("train.warmup_steps=30", ["train.warmup_steps (30)", "< train.steps (30)"]),
+    ("data.max_prompt_length=256", ["data.max_prompt_length (256)", "model.seq_length (256)"]),
+    ("checkpoint.save_interval=5", ["checkpoint.save_interval", "checkpoint.save"]),
+    ("data.path=", ["data.path", "expected str", "None"]),
+    ("data.path=''", ["data.path", "must not be empty"]),
+    ("oops", ["malformed override 'oops'", "key.sub=value"]),
+    ("=3", ["malformed override '=3'"]),
+])
+def test_rejects_with_key_and_allowed_values(override, fragments):
+    message = problems_of(overrides=[override])
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_all_problems_are_collected_in_one_error():
+    with pytest.raises(ConfigError) as caught:
+        load_config(path=TINY_YAML, overrides=["loss.bta=1", "loss.type=x", "train.steps=abc", "oops",
+                                               "model.hidden_size=130", "train.warmup_steps=99"])
+    problems = caught.value.problems
+    assert len(problems) == 6, problems
+    assert [p.split(":")[0].split(" ")[0] for p in problems] == [
+        "malformed", "loss.bta", "loss.type", "train.steps", "model.hidden_size", "train.warmup_steps"]
+
+
+def test_yaml_problems_name_the_file(tmp_path):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("train:\n  stepz: 3\nloss:\n  type: nope\n")
+    message = problems_of(path=config_file, overrides=[])
+    assert "train.stepz: unknown key" in message and "did you mean 'train.steps'" in message
+    assert "loss.type" in message and "infifpo, fpo, dpo, ipo" in message
+    assert str(config_file) in message
+
+
+@pytest.mark.parametrize("text, fragment", [("a: [1, 2\n", "cannot read config file"),
+                                            ("- 1\n- 2\n", "mapping at the top level")])
+def test_unreadable_yaml(tmp_path, text, fragment):
+    config_file = tmp_path / "broken.yaml"
+    config_file.write_text(text)
+    assert fragment in problems_of(path=config_file, overrides=[])
+
+
+def test_missing_file():
+    assert "cannot read config file /no/such/file.yaml" in problems_of(path=Path("/no/such/file.yaml"), overrides=[])
+
+
+def test_config_error_survives_pickling():
+    error = pickle.loads(pickle.dumps(ConfigError(["a: bad", "b: worse"])))
+    assert error.problems == ["a: bad", "b: worse"] and "2 problem(s)" in str(error)
+
+
+# --- layout ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size, overrides, data_parallel", [
+    (1, [], 1),
+    (4, ["parallel.tensor=2", "parallel.pipeline=2"], 1),
+    (8, ["parallel.tensor=2", "parallel.pipeline=2"], 2),
+    (4, [], 4),
+    (6, ["parallel.tensor=2", "sources.num_ranks=2"], 2),
+    (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4"], 2),
+])
+def test_validate_layout_returns_data_parallel_size(world_size, overrides, data_parallel):
+    assert validate_layout(load_config(overrides=overrides), world_size=world_size) == data_parallel
+
+
+@pytest.mark.parametrize("world_size, overrides, fragments", [
+    (3, ["parallel.tensor=2", "parallel.pipeline=2"],
+     ["parallel.tensor (2) x parallel.pipeline (2) = 4", "3 training"]),
+    (5, ["parallel.tensor=2", "parallel.pipeline=2", "sources.num_ranks=2"], ["sources.num_ranks 2", "3 training"]),
+    (2, ["sources.num_ranks=2"], ["sources.num_ranks (2) leaves no training ranks"]),
+    (3, [], ["train.global_batch_size (8)", "train.micro_batch_size (2) x data-parallel size (3) = 6"]),
+    (3, ["parallel.pipeline=3"], ["model.num_layers (2)", "parallel.pipeline (3)"]),
+    (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], ["model.num_layers (2)", "virtual_pipeline (2)"]),
+    (1, ["parallel.virtual_pipeline=2"], ["parallel.virtual_pipeline (2) needs parallel.pipeline > 1"]),
+    (8, ["parallel.tensor=8", "model.hidden_size=128"], ["model.num_attention_heads (4)", "parallel.tensor (8)"]),
+    (4, ["parallel.tensor=4"], ["model.num_query_groups (2)", "parallel.tensor (4)"]),
+    (3, ["parallel.tensor=3", "model.num_attention_heads=6", "model.num_query_groups=3", "model.hidden_size=132",
+         "model.ffn_hidden_size=350"], ["model.ffn_hidden_size (350)", "parallel.tensor (3)"]),
+    (0, [], ["world size must be >= 1"]),
+])
+def test_validate_layout_rejects(world_size, overrides, fragments):
+    cfg = load_config(overrides=overrides)
+    with pytest.raises(ConfigError) as caught:
+        validate_layout(cfg, world_size=world_size)
+    for fragment in fragments:
+        assert fragment in str(caught.value), f"{fragment!r} not in:\n{caught.value}"
+
+
+# --- precision, to_dict, save/load -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision, cuda, bf16_supported, expected", [
+    ("auto", False, False, "fp32"), ("auto", True, True, "bf16"), ("auto", True, False, "fp32"),
+    ("fp32", True, True, "fp32"), ("bf16", False, False, "bf16"),
+])
+def test_resolve_precision(monkeypatch, precision, cuda, bf16_supported, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    resolved = resolve_precision(load_config(overrides=[f"train.precision={precision}"]))
+    assert resolved == expected and type(resolved) is str
+
+
+def test_to_dict_holds_plain_values():
+    as_dict = to_dict(load_config(overrides=["loss.type=ipo"]))
+    assert type(as_dict["loss"]["type"]) is str and as_dict["loss"]["type"] == "ipo"
+    assert json.loads(json.dumps(as_dict)) == as_dict
+    assert as_dict["parallel"] == {"tensor": 1, "pipeline": 1, "virtual_pipeline": None}
+
+
+def test_save_then_load_round_trips(tmp_path):
+    cfg = load_config(path=TINY_YAML, overrides=[
+        "loss.type=ipo", "loss.beta=0.05", "loss.fusion=sum", "data.eval_path=eval.jsonl", "model.vocab_size=1000",
+        "checkpoint.save=/tmp/ckpt", "checkpoint.save_interval=10", "train.lr=3e-5", "train.min_lr=0",
+        "tokenizer.chat_template=null", "model.normalization=LayerNorm", "run_dir=runs/x y",
+    ])
+    saved = tmp_path / "saved.yaml"
+    save_config(cfg, path=saved)
+    assert load_config(path=saved) == cfg
+    assert yaml.safe_load(saved.read_text()) == to_dict(cfg)

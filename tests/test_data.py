@@ -1,0 +1,281 @@
+"""Preference rows: validation messages, tokenisation, truncation, collation and the resumable sampler."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from infifpo_mcore.data import (DataError, ResumableSampler, collate_pairs, load_preference_dataset,
+                                read_preference_rows, truncate_example)
+from infifpo_mcore.tokenization import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+ANSWER = {"role": "assistant"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(type="sentencepiece", path="pkg://mistral_common/data/tokenizer.model.v1",
+                           chat_template="mistral")
+
+
+def write_rows(tmp_path, *rows, name="prefs.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(r if isinstance(r, bytes) else json.dumps(r).encode() for r in rows) + b"\n")
+    return path
+
+
+def trl_row(**extra):
+    return {"prompt": "What is 2 + 2?", "chosen": "It is 4.", "rejected": "It is 5.", **extra}
+
+
+def problems_of(path):
+    with pytest.raises(DataError) as caught:
+        read_preference_rows(path)
+    return caught.value.problems
+
+
+def test_three_row_forms_tokenise_identically(tmp_path, tokenizer):
+    conversation = [{"role": "user", "content": "What is 2 + 2?"}]
+    path = write_rows(
+        tmp_path, trl_row(),
+        {"prompt": conversation, "chosen": [{**ANSWER, "content": "It is 4."}],
+         "rejected": [{**ANSWER, "content": "It is 5."}]},
+        {"chosen": conversation + [{**ANSWER, "content": "It is 4."}],
+         "rejected": conversation + [{**ANSWER, "content": "It is 5."}]})
+    dataset = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
+    assert len(dataset) == 3 and dataset.num_sources == 0 and not dataset.has_init_logps
+    assert [e["id"] for e in dataset] == [1, 2, 3]  # default id: the line number
+    first = dataset[0]
+    assert first["prompt_ids"] == tokenizer.encode_prompt(conversation)
+    assert first["chosen_ids"] == tokenizer.encode("It is 4.") + [tokenizer.eos_id]
+    for example in dataset.examples[1:]:
+        assert {k: example[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} == \
+            {k: first[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+
+def test_multi_turn_reference_form_takes_the_shared_prefix_as_prompt(tmp_path):
+    shared = [{"role": "user", "content": "Hi"}, {**ANSWER, "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+    path = write_rows(tmp_path, {"chosen": shared + [{**ANSWER, "content": "4"}],
+                                 "rejected": shared + [{**ANSWER, "content": "5"}]})
+    (row,) = read_preference_rows(path)
+    assert (row.prompt, row.chosen, row.rejected) == (shared, "4", "5")
+
+
+def test_every_problem_is_reported_with_file_line_and_field(tmp_path):
+    path = write_rows(
+        tmp_path,
+        trl_row(),
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        {"prompt": "", "chosen": 3},
+        b"\xff\xfe not utf-8",
+        b"",
+        {"id": 1, **trl_row(ref_chosen_logps=float("nan"), ref_rejected_logps=0.5)},
+        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+         "chosen": [{"role": "user", "content": "x"}], "rejected": "b"},
+        {"chosen": "a", "rejected": "b"},
+        {"chosen": [{"role": "user", "content": "q"}, {**ANSWER, "content": "a"}],
+         "rejected": [{"role": "user", "content": "other"}, {**ANSWER, "content": "b"}]},
+        {"id": "x", **trl_row(ref_chosen_logp=-1.0)},
+        b"[1, 2]",
+        b"{not json",
+        {"id": "y", **trl_row(ref_mean_chosen_logps=-1.0, ref_mean_rejected_logps=-1.0)})
+    where = str(path)
+    assert problems_of(path) == [
+        f"{where}:2 rejected: identical to chosen",
+        f"{where}:3 rejected: missing",
+        f"{where}:3 prompt: expected a non-empty string or a non-empty list of messages",
+        f"{where}:3 chosen: expected a non-empty string or a non-empty list of messages",
+        f"{where}:4 line: not valid UTF-8 (byte 0)",
+        f"{where}:6 id: duplicate of line 1 (1)",
+        f"{where}:6 ref_chosen_logps: not finite (nan)",
+        f"{where}:6 ref_rejected_logps: log-probability must be <= 0, got 0.5",
+        f"{where}:7 prompt: the last prompt message must not be an assistant message",
+        f"{where}:7 chosen: expected exactly one assistant message, got roles ['user']",
+        f"{where}:8 prompt: missing (needed when chosen/rejected are strings)",
+        f"{where}:9 chosen: expected the shared prompt messages followed by one assistant message "
+        "(got 2 message(s) after 0 shared)",
+        f"{where}:9 rejected: expected the shared prompt messages followed by one assistant message "
+        "(got 2 message(s) after 0 shared)",
+        f"{where}:9 prompt: missing: chosen and rejected share no leading messages and no prompt is given",
+        f"{where}:10 ref_chosen_logp: unknown field, did you mean 'ref_chosen_logps'?",
+        f"{where}:11 line: expected a JSON object, got list",
+        f"{where}:12 line: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{where}:13 ref_chosen_logps: missing (needed together with ref_mean_chosen_logps)",
+        f"{where}:13 ref_rejected_logps: missing (needed together with ref_mean_chosen_logps)",
+    ]
+
+
+def fused(chosen, rejected, mean_chosen, mean_rejected):
+    return {"fuse_chosen_logps": chosen, "fuse_rejected_logps": rejected,
+            "fuse_mean_chosen_logps": mean_chosen, "fuse_mean_rejected_logps": mean_rejected}
+
+
+def test_cached_score_problems(tmp_path):
+    path = write_rows(
+        tmp_path,
+        trl_row(**fused([-2.0, -6.0], [-3.0, -1.0], [-1.0, -2.0], [-1.5, -0.5])),
+        trl_row(**fused([-2.0], [-3.0], [-1.0], [-1.5])),  # one source where line 1 has two
+        trl_row(**fused([-2.0, -6.0], [-3.0], [-1.0, -2.0], [0.0, -0.5])),
+        trl_row(**fused([-2.0, float("inf")], [-3.0, -1.0], [-1.0, -2.0], [-1.5, -0.5])),
+        trl_row(**fused([-2.0, -6.0], [-3.0, -1.0], [-1.0, -2.0], [-1.5, -0.5]), ref_chosen_logps=-1.0,
+                ref_rejected_logps=-2.0),
+        trl_row(fuse_chosen_logps="-1"))
+    where = str(path)
+    assert problems_of(path) == [
+        f"{where}:2 fuse_chosen_logps: 1 sources, but line 1 has 2",
+        f"{where}:3 fuse_rejected_logps: 1 entries, but fuse_chosen_logps has 2",
+        f"{where}:3 fuse_mean_rejected_logps[0]: sum -3.0 / mean 0.0 is not a token count >= 1",
+        f"{where}:4 fuse_chosen_logps[1]: not finite (inf)",
+        f"{where}:5 ref_chosen_logps: present here but not in line 1 (cached scores must be in every row or in none)",
+        f"{where}:5 ref_rejected_logps: present here but not in line 1 (cached scores must be in every row or in "
+        "none)",
+        f"{where}:6 fuse_chosen_logps: expected a non-empty list of log-probabilities, one per source",
+        f"{where}:6 fuse_rejected_logps: missing (needed together with fuse_chosen_logps)",
+        f"{where}:6 fuse_mean_chosen_logps: missing (needed together with fuse_chosen_logps)",
+        f"{where}:6 fuse_mean_rejected_logps: missing (needed together with fuse_chosen_logps)",
+    ]
+
+
+def test_cached_scores_reach_the_batch(tmp_path, tokenizer):
+    path = write_rows(tmp_path,
+                      trl_row(ref_chosen_logps=-3.0, ref_rejected_logps=-4.0,
+                              **fused([-2.0, -6.0], [-3.0, -1.0], [-1.0, -2.0], [-1.5, -0.5])),
+                      trl_row(prompt="Hi", ref_chosen_logps=-1.0, ref_rejected_logps=-2.5,
+                              **fused([-4.0, -1.0], [-2.0, -3.0], [-0.5, -0.25], [-2.0, -1.0])))
+    dataset = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
+    assert dataset.num_sources == 2 and dataset.has_init_logps
+    batch = collate_pairs([dataset[1], dataset[0]], seq_length=64, pad_id=tokenizer.pad_id)
+    assert batch["row_ids"].tolist() == [1, 0]
+    assert batch["init_chosen_logps"].tolist() == [-1.0, -3.0]
+    assert batch["init_rejected_logps"].tolist() == [-2.5, -4.0]
+    assert batch["source_chosen_logps"].tolist() == [[-4.0, -1.0], [-2.0, -6.0]]
+    assert batch["source_chosen_lengths"].tolist() == [[8.0, 4.0], [2.0, 3.0]]  # sum / mean
+    assert batch["source_rejected_lengths"].tolist() == [[1.0, 3.0], [2.0, 2.0]]
+
+
+def test_collate_hand_checked_masks_and_labels():
+    examples = [{"row_id": 7, "id": "a", "prompt_ids": [1, 5, 6], "chosen_ids": [8, 9, 2], "rejected_ids": [4, 2]},
+                {"row_id": 3, "id": "b", "prompt_ids": [1, 7], "chosen_ids": [2], "rejected_ids": [3, 3, 3, 2]}]
+    batch = collate_pairs(examples, seq_length=7, pad_id=0)
+    assert batch["tokens"].tolist() == [[1, 5, 6, 8, 9, 2, 0],   # chosen a
+                                        [1, 7, 2, 0, 0, 0, 0],   # chosen b
+                                        [1, 5, 6, 4, 2, 0, 0],   # rejected a
+                                        [1, 7, 3, 3, 3, 2, 0]]   # rejected b
+    assert batch["labels"].tolist() == [[5, 6, 8, 9, 2, 0, 0],
+                                        [7, 2, 0, 0, 0, 0, 0],
+                                        [5, 6, 4, 2, 0, 0, 0],
+                                        [7, 3, 3, 3, 2, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 1, 0, 0],
+                                           [0, 1, 0, 0, 0, 0, 0],
+                                           [0, 0, 1, 1, 0, 0, 0],
+                                           [0, 1, 1, 1, 1, 0, 0]]
+    assert batch["position_ids"].tolist() == [list(range(7))] * 4
+    assert batch["row_ids"].tolist() == [7, 3]
+    assert (batch["tokens"].dtype, batch["labels"].dtype, batch["loss_mask"].dtype) == \
+        (torch.int64, torch.int64, torch.float32)
+    assert "init_chosen_logps" not in batch
+    with pytest.raises(ValueError, match="fit seq_length=5"):
+        collate_pairs(examples, seq_length=5, pad_id=0)
+
+
+def test_truncation_keeps_bos_and_cuts_responses_from_the_right():
+    prompt, chosen, rejected, truncated = truncate_example(
+        prompt_ids=[1, 10, 11, 12, 13, 14], chosen_ids=[20, 21, 22, 2], rejected_ids=[30, 2], seq_length=8,
+        max_prompt_length=4, bos_id=1)
+    assert (prompt, chosen, rejected, truncated) == ([1, 12, 13, 14], [20, 21, 22, 2], [30, 2], True)
+    prompt, chosen, rejected, truncated = truncate_example(
+        prompt_ids=[1, 10, 11], chosen_ids=[20, 21, 22, 2], rejected_ids=[30, 2], seq_length=5,
+        max_prompt_length=None, bos_id=1)
+    assert (prompt, chosen, rejected, truncated) == ([1, 10, 11], [20, 21], [30, 2], True)
+    # a prompt longer than the sequence leaves room for one response token
+    prompt, chosen, _, truncated = truncate_example(
+        prompt_ids=[9, 10, 11, 12], chosen_ids=[20, 2], rejected_ids=[30, 2], seq_length=3,
+        max_prompt_length=None, bos_id=1)
+    assert (prompt, chosen, truncated) == ([11, 12], [20], True)
+    assert truncate_example(prompt_ids=[1, 5], chosen_ids=[6, 2], rejected_ids=[7, 2], seq_length=4,
+                            max_prompt_length=2, bos_id=1)[3] is False
+
+
+def test_truncated_rows_are_counted_and_logged(tmp_path, tokenizer, caplog):
+    long_answer = "one two three four five six seven eight nine ten eleven twelve"
+    path = write_rows(tmp_path, trl_row(), trl_row(chosen=long_answer), trl_row(prompt="Hi " * 40))
+    with caplog.at_level(logging.WARNING, logger="infifpo_mcore.data"):
+        dataset = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=24, max_prompt_length=16)
+    assert dataset.num_truncated == 2
+    assert "2 of 3 rows truncated" in caplog.text
+    for example in dataset:
+        assert len(example["prompt_ids"]) <= 16
+        assert len(example["prompt_ids"]) + len(example["chosen_ids"]) <= 24
+    assert dataset[2]["prompt_ids"][0] == tokenizer.bos_id
+
+
+def test_template_errors_name_the_row(tmp_path, tokenizer):
+    path = write_rows(tmp_path, trl_row(), trl_row(prompt=[{"role": "system", "content": "s"},
+                                                           {"role": "system", "content": "t"}]))
+    with pytest.raises(DataError, match=r"prefs\.jsonl:2 prompt: mistral template: message 1 has role 'system'"):
+        load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        read_preference_rows(tmp_path / "absent.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no rows"):
+        read_preference_rows(tmp_path / "empty.jsonl")
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def test_sampler_is_deterministic_and_reshuffles_each_epoch():
+    first = take(iter(ResumableSampler(num_rows=10, seed=3)), 20)
+    assert first == take(iter(ResumableSampler(num_rows=10, seed=3)), 20)
+    assert sorted(first[:10]) == sorted(first[10:]) == list(range(10))
+    assert first[:10] != first[10:]
+    assert first[:10] != take(iter(ResumableSampler(num_rows=10, seed=4)), 10)
+    assert take(iter(ResumableSampler(num_rows=4, seed=3, shuffle=False)), 6) == [0, 1, 2, 3, 0, 1]
+
+
+def test_sampler_splits_across_data_parallel_ranks():
+    ranks = [ResumableSampler(num_rows=11, seed=0, dp_rank=r, dp_size=3) for r in range(3)]
+    epochs = [take(iter(sampler), 3) for sampler in ranks]
+    assert all(len(sampler) == 3 for sampler in ranks)
+    assert len(set(sum(epochs, []))) == 9  # disjoint; the 2 left over rows wait for the next epoch
+    assert sum(epochs, []) != list(range(9))
+    with pytest.raises(ValueError, match="cannot be split"):
+        ResumableSampler(num_rows=2, seed=0, dp_rank=0, dp_size=3)
+
+
+@pytest.mark.parametrize("consumed", [0, 4, 7, 8, 19])
+def test_resumed_sampler_yields_exactly_the_remaining_order(consumed):
+    original = ResumableSampler(num_rows=16, seed=5, dp_rank=1, dp_size=2)
+    stream = iter(original)
+    take(stream, consumed)
+    state = original.state_dict()
+    expected = take(stream, 20)
+    resumed = ResumableSampler(num_rows=16, seed=5, dp_rank=1, dp_size=2)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a round trip through a checkpoint file
+    assert take(iter(resumed), 20) == expected
+
+
+def test_sampler_refuses_state_from_a_different_setup():
+    state = ResumableSampler(num_rows=16, seed=5).state_dict()
+    with pytest.raises(ValueError, match="seed=5, this sampler has 6"):
+        ResumableSampler(num_rows=16, seed=6).load_state_dict(state)
+
+
+def test_bundled_tiny_dataset_loads(tokenizer):
+    train = load_preference_dataset(path=REPO / "launch/data/tiny_prefs_train.jsonl", tokenizer=tokenizer,
+                                    seq_length=256, max_prompt_length=None)
+    evaluation = load_preference_dataset(path=REPO / "launch/data/tiny_prefs_eval.jsonl", tokenizer=tokenizer,
+                                         seq_length=256, max_prompt_length=None)
+    assert (len(train), len(evaluation)) == (384, 64)
+    assert train.num_truncated == evaluation.num_truncated == 0
+    assert not {row.id for row in train.rows} & {row.id for row in evaluation.rows}
+    assert all(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) <= 200 for e in train)
+    batch = collate_pairs([train[0], train[1]], seq_length=256, pad_id=tokenizer.pad_id)
+    assert batch["loss_mask"][0].sum() == len(train[0]["chosen_ids"])
