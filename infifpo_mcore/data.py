@@ -403,52 +403,47 @@ def collate_pairs(examples: list[PreferenceExample], *, seq_length: int, pad_id:
 
 
 class ResumableSampler:
-    """Dataset indices for one data-parallel rank, epoch after epoch, without end.
+    """Dataset indices for one data-parallel rank, without end, independent of the data-parallel size.
 
-    Each epoch is a permutation drawn from ``seed + epoch`` (identity when ``shuffle`` is off); rank r takes
-    positions r, r + dp_size, ... of the first ``len(self) * dp_size`` entries, so every rank gets the same count
-    and the ranks never overlap. ``state_dict`` records (epoch, position) as of the indices handed out so far; a
-    sampler given that state yields exactly the indices the original would have yielded next.
+    The global stream is the concatenation of per-epoch permutations (drawn from ``seed + epoch``; identity when
+    ``shuffle`` is off). Rank r of ``dp_size`` takes stream positions r, r + dp_size, ...; so a global batch is the
+    next ``global_batch_size`` stream entries whatever the layout, and the state is one number: ``consumed``, the
+    stream entries handed out by all ranks together. A sampler given that state (at the same or another dp_size)
+    yields exactly what the original ranks would have yielded next.
     """
 
     def __init__(self, *, num_rows: int, seed: int, dp_rank: int = 0, dp_size: int = 1, shuffle: bool = True):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
-        if num_rows < dp_size:
-            raise ValueError(f"{num_rows} rows cannot be split across {dp_size} data-parallel ranks")
+        if num_rows < 1:
+            raise ValueError("cannot sample from an empty dataset")
         self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.epoch = 0
-        self.position = 0
-
-    def __len__(self) -> int:
-        """Indices per rank per epoch (the remainder of num_rows / dp_size is left out of that epoch)."""
-        return self.num_rows // self.dp_size
+        self.consumed = 0
 
     def epoch_order(self, epoch: int) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_rows, generator=generator).tolist()
-        else:
-            order = list(range(self.num_rows))
-        return order[self.dp_rank:len(self) * self.dp_size:self.dp_size]
+        if not self.shuffle:
+            return list(range(self.num_rows))
+        return torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def __iter__(self) -> Iterator[int]:
+        epoch, order = -1, []
         while True:
-            order = self.epoch_order(self.epoch)
-            while self.position < len(order):
-                index = order[self.position]
-                self.position += 1
-                yield index
-            self.epoch, self.position = self.epoch + 1, 0
+            position_epoch, offset = divmod(self.consumed + self.dp_rank, self.num_rows)
+            if position_epoch != epoch:
+                epoch, order = position_epoch, self.epoch_order(position_epoch)
+            self.consumed += self.dp_size
+            yield order[offset]
 
     def state_dict(self) -> dict[str, int | bool]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": self.num_rows,
-                "dp_size": self.dp_size, "shuffle": self.shuffle}
+        return {"consumed": self.consumed, "seed": self.seed, "num_rows": self.num_rows, "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict[str, int | bool]) -> None:
-        for key in ("seed", "num_rows", "dp_size", "shuffle"):
+        for key in ("seed", "num_rows", "shuffle"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}; "
                                  "resuming would change the data order")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if state["consumed"] % self.dp_size:
+            raise ValueError(f"sampler state consumed={state['consumed']} rows, not a multiple of data-parallel "
+                             f"size {self.dp_size}")
+        self.consumed = int(state["consumed"])

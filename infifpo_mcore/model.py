@@ -38,6 +38,18 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def use_distributed_optimizer() -> bool:
+    """Shard optimizer state over data-parallel ranks where Megatron's DistributedOptimizer is whole.
+
+    Without Apex or TE it falls back to torch AdamW, whose per-parameter ``step`` entry breaks its checkpoint load in
+    megatron-core 0.16 (``_set_main_param_and_optimizer_states`` KeyError 'step'); there (CPU, GPU images without TE)
+    the plain Megatron optimizer is used, which checkpoints the same per-parameter state.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    return torch.cuda.is_available() and distrib_optimizer.HAVE_APEX_OR_TE
+
+
 def build_transformer_config(
     *, model: ModelConfig, tensor: int, pipeline: int, virtual_pipeline: int | None, precision: str
 ) -> TransformerConfig:
@@ -120,7 +132,7 @@ def build_pivot(
     spec = _layer_spec(config)
     chunks = config.virtual_pipeline_model_parallel_size or 1
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer()
     )
     wrapped = []
     for vp_stage in range(chunks):

@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from infifpo_mcore import checkpointing, monitoring
 from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, save_config, validate_layout
 from infifpo_mcore.data import PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs, load_preference_dataset
-from infifpo_mcore.model import build_pivot, build_transformer_config, padded_vocab_size
+from infifpo_mcore.model import build_pivot, build_transformer_config, padded_vocab_size, use_distributed_optimizer
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel
 from infifpo_mcore.tokenization import build_tokenizer
 from infifpo_mcore.train_step import scoring_forward_step, training_forward_step
@@ -53,7 +53,7 @@ def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
         clip_grad=train.grad_clip,
         bf16=precision == "bf16",
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-        use_distributed_optimizer=True,
+        use_distributed_optimizer=use_distributed_optimizer(),
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
     scheduler = OptimizerParamScheduler(

@@ -37,8 +37,16 @@ def flat_keys(tree: dict, prefix: str = "") -> set[str]:
 
 # --- loading and merging ---------------------------------------------------------------------------------------
 
-def test_tiny_yaml_equals_defaults_except_parallel():
-    expected = dataclasses.replace(InfiFPOConfig(), parallel=ParallelConfig(tensor=2, pipeline=2))
+def test_tiny_yaml_equals_defaults_except_layout_loss_and_checkpoint():
+    """The tiny run differs from the defaults only where it must: 4-rank layout, DPO until its data carries source
+    scores, and a checkpoint directory so its summary has one to show."""
+    defaults = InfiFPOConfig()
+    expected = dataclasses.replace(
+        defaults,
+        parallel=ParallelConfig(tensor=2, pipeline=2),
+        loss=dataclasses.replace(defaults.loss, type="dpo", length_norm=False),
+        checkpoint=dataclasses.replace(defaults.checkpoint, save="runs/tiny/checkpoints"),
+    )
     assert load_config(path=TINY_YAML) == expected
 
 
@@ -116,8 +124,8 @@ def test_dotted_keys_inside_yaml(tmp_path):
     ("model.hidden_size=130", ["model.hidden_size (130)", "divisible by model.num_attention_heads (4)"]),
     ("model.num_query_groups=3", ["model.num_attention_heads (4)", "divisible by model.num_query_groups (3)"]),
     ("train.global_batch_size=7", ["train.global_batch_size (7)", "divisible by train.micro_batch_size (2)"]),
-    ("train.warmup_steps=30", ["train.warmup_steps (30)", "< train.steps (30)"]),
-    ("data.max_prompt_length=256", ["data.max_prompt_length (256)", "model.seq_length (256)"]),
+    ("train.warmup_steps=60", ["train.warmup_steps (60)", "< train.steps (60)"]),
+    ("data.max_prompt_length=128", ["data.max_prompt_length (128)", "model.seq_length (128)"]),
     ("checkpoint.save_interval=5", ["checkpoint.save_interval", "checkpoint.save"]),
     ("data.path=", ["data.path", "expected str", "None"]),
     ("data.path=''", ["data.path", "must not be empty"]),

@@ -242,12 +242,35 @@ def test_sampler_is_deterministic_and_reshuffles_each_epoch():
 
 def test_sampler_splits_across_data_parallel_ranks():
     ranks = [ResumableSampler(num_rows=11, seed=0, dp_rank=r, dp_size=3) for r in range(3)]
-    epochs = [take(iter(sampler), 3) for sampler in ranks]
-    assert all(len(sampler) == 3 for sampler in ranks)
-    assert len(set(sum(epochs, []))) == 9  # disjoint; the 2 left over rows wait for the next epoch
-    assert sum(epochs, []) != list(range(9))
-    with pytest.raises(ValueError, match="cannot be split"):
-        ResumableSampler(num_rows=2, seed=0, dp_rank=0, dp_size=3)
+    shares = [take(iter(sampler), 3) for sampler in ranks]
+    assert len(set(sum(shares, []))) == 9  # disjoint
+    assert sum(shares, []) != list(range(9))
+    with pytest.raises(ValueError, match="dp_rank"):
+        ResumableSampler(num_rows=2, seed=0, dp_rank=3, dp_size=3)
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 4])
+def test_global_batches_are_the_same_rows_at_any_data_parallel_size(dp_size):
+    """A global batch of 4 rows is the same set of rows whatever the split (across an epoch boundary too)."""
+    reference = take(iter(ResumableSampler(num_rows=10, seed=1)), 24)
+    streams = [iter(ResumableSampler(num_rows=10, seed=1, dp_rank=r, dp_size=dp_size)) for r in range(dp_size)]
+    for step in range(6):
+        rows = sorted(sum((take(stream, 4 // dp_size) for stream in streams), []))
+        assert rows == sorted(reference[4 * step:4 * step + 4])
+
+
+def test_sampler_state_resumes_at_another_data_parallel_size():
+    single = ResumableSampler(num_rows=10, seed=2)
+    stream = iter(single)
+    take(stream, 8)
+    expected = take(stream, 8)
+    halves = [ResumableSampler(num_rows=10, seed=2, dp_rank=r, dp_size=2) for r in range(2)]
+    for sampler in halves:
+        sampler.load_state_dict(single.state_dict() | {"consumed": 8})
+    got = [take(iter(sampler), 4) for sampler in halves]
+    assert sorted(sum(got, [])) == sorted(expected)
+    with pytest.raises(ValueError, match="not a multiple"):
+        ResumableSampler(num_rows=10, seed=2, dp_rank=0, dp_size=3).load_state_dict(single.state_dict() | {"consumed": 8})
 
 
 @pytest.mark.parametrize("consumed", [0, 4, 7, 8, 19])

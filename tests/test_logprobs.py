@@ -1,38 +1,59 @@
 import torch
 
-from infifpo_mcore.logprobs import sequence_logps, split_pairs, vocab_parallel_token_logps
+from infifpo_mcore.logprobs import (
+    response_positions,
+    response_sequence_logps,
+    split_pairs,
+    vocab_parallel_token_logps,
+)
 from tests.distributed import run_distributed
 
 
-def _check_vocab_parallel_matches_full_softmax(ctx, *, logits, targets):
+def _full_vocab_response_sums(logits, labels, mask):
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)
+
+
+def _check_vocab_parallel_matches_full_softmax(ctx, *, logits, labels, mask):
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     shard = logits.chunk(ctx.tensor, dim=-1)[tp_rank].clone().requires_grad_(True)
-    ours = vocab_parallel_token_logps(logits=shard, targets=targets)
+    ours = vocab_parallel_token_logps(logits=shard, targets=labels)
     reference_logits = logits.clone().requires_grad_(True)
-    reference = torch.log_softmax(reference_logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    reference = torch.log_softmax(reference_logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
     # Gradients too: the shard's gradient is the matching slice of the full-vocab gradient.
     ours.sum().backward()
     reference.sum().backward()
-    expected = reference_logits.grad.chunk(ctx.tensor, dim=-1)[tp_rank]
-    torch.testing.assert_close(shard.grad, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shard.grad, reference_logits.grad.chunk(ctx.tensor, dim=-1)[tp_rank])
+
+    # Response-only path: logits at the selected positions only, [1, n, V/TP], summed back per sequence.
+    selected = logits.transpose(0, 1)[response_positions(mask)].unsqueeze(0)
+    sums, lengths = response_sequence_logps(
+        logits=selected.chunk(ctx.tensor, dim=-1)[tp_rank], labels=labels, loss_mask=mask
+    )
+    torch.testing.assert_close(sums, _full_vocab_response_sums(logits, labels, mask), rtol=1e-6, atol=1e-5)
+    assert lengths.tolist() == mask.sum(-1).tolist()
 
 
 def test_vocab_parallel_logps_at_tp2_equal_full_vocab_log_softmax():
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5, 64, generator=generator) * 4
-    targets = torch.randint(0, 64, (3, 5), generator=generator)
-    run_distributed(_check_vocab_parallel_matches_full_softmax, world_size=2, tensor=2, logits=logits, targets=targets)
+    logits = torch.randn(4, 6, 64, generator=generator) * 4
+    labels = torch.randint(0, 64, (4, 6), generator=generator)
+    mask = torch.zeros(4, 6)
+    mask[0, 2:5] = 1
+    mask[1, 1:2] = 1
+    mask[2, 3:6] = 1
+    mask[3, 0:6] = 1
+    run_distributed(
+        _check_vocab_parallel_matches_full_softmax, world_size=2, tensor=2, logits=logits, labels=labels, mask=mask
+    )
 
 
-def test_sequence_logps_sums_only_masked_tokens_and_counts_them():
-    token_logps = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -0.5, -0.5, -0.5]])
-    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])
-    sums, lengths = sequence_logps(token_logps=token_logps, loss_mask=mask)
-    assert sums.tolist() == [-5.0, -2.0]
-    assert lengths.tolist() == [2.0, 4.0]
+def test_response_positions_are_sequence_major():
+    mask = torch.tensor([[0, 1, 1], [1, 0, 1]])
+    assert response_positions(mask).tolist() == [[False, True], [True, False], [True, True]]
 
 
 def test_split_pairs_takes_chosen_first_half():

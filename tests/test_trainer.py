@@ -1,0 +1,140 @@
+"""Multi-process (gloo) runs of the real entry point: layouts agree, resume continues exactly, errors are clear."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infifpo_mcore.monitoring import REQUIRED_STEP_KEYS
+from tests.launcher import REPO, read_metrics, run_training
+
+pytestmark = pytest.mark.distributed
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    rows = (REPO / "launch/data/tiny_prefs_train.jsonl").read_text().splitlines()[:24]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_with_source_scores(small_data, tmp_path_factory) -> Path:
+    """The same rows with cached scores of two sources in InfiFPO form (test input: arbitrary but valid numbers)."""
+    path = tmp_path_factory.mktemp("fused") / "prefs.jsonl"
+    lines = []
+    for index, line in enumerate(small_data.read_text().splitlines()):
+        row = json.loads(line)
+        lengths = {"chosen": [7 + index % 3, 11 + index % 5], "rejected": [6 + index % 4, 12 + index % 2]}
+        per_token = {"chosen": [-2.0 - 0.1 * (index % 7), -1.5 - 0.2 * (index % 3)],
+                     "rejected": [-2.2 - 0.05 * (index % 5), -1.4 - 0.3 * (index % 4)]}
+        for kind in ("chosen", "rejected"):
+            row[f"fuse_mean_{kind}_logps"] = per_token[kind]
+            row[f"fuse_{kind}_logps"] = [m * n for m, n in zip(per_token[kind], lengths[kind])]
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.path={data}", f"run_dir={run_dir}", "model.seq_length=128", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.warmup_steps=1", "train.lr=2e-3", "checkpoint.save=null", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def step1_checkpoint(small_data, tmp_path_factory) -> Path:
+    """One optimizer step at TP 1 (so Adam has state), saved: every layout below starts from it."""
+    root = tmp_path_factory.mktemp("step1")
+    run_training(nproc=1, overrides=_overrides(small_data, root, "train.steps=2", "train.steps=1",
+                                               f"checkpoint.save={root / 'ckpt'}", "parallel.tensor=1",
+                                               "parallel.pipeline=1", "train.warmup_steps=0"))
+    return root / "ckpt"
+
+
+def _continue(small_data, checkpoint, run_dir, *, nproc, tensor, pipeline, steps=STEPS, save=None) -> list[dict]:
+    extra = [f"checkpoint.load={checkpoint}", f"train.steps={steps}", f"parallel.tensor={tensor}",
+             f"parallel.pipeline={pipeline}"]
+    if save:
+        extra.append(f"checkpoint.save={save}")
+    run_training(nproc=nproc, overrides=_overrides(small_data, run_dir, *extra))
+    return read_metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def tp1_run(small_data, step1_checkpoint, tmp_path_factory) -> list[dict]:
+    return _continue(small_data, step1_checkpoint, tmp_path_factory.mktemp("tp1"), nproc=1, tensor=1, pipeline=1)
+
+
+def _assert_same_losses(ours: list[dict], reference: list[dict], *, rtol: float) -> None:
+    assert [m["step"] for m in ours] == [m["step"] for m in reference] == list(range(2, STEPS + 1))
+    for got, want in zip(ours, reference):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-6), (got["step"], key)
+
+
+def test_tp1_run_trains(tp1_run):
+    assert all(set(REQUIRED_STEP_KEYS) <= metrics.keys() for metrics in tp1_run)
+    assert all(m["lr"] > 0 and m["grad_norm"] > 0 and m["tokens_per_sec"] > 0 for m in tp1_run)
+    assert len({round(m["loss"], 6) for m in tp1_run}) == len(tp1_run)  # the parameters move
+
+
+def test_tp2_pp2_equals_tp1_from_the_same_checkpoint(small_data, step1_checkpoint, tp1_run, tmp_path):
+    metrics = _continue(small_data, step1_checkpoint, tmp_path, nproc=4, tensor=2, pipeline=2)
+    _assert_same_losses(metrics, tp1_run, rtol=1e-5)
+
+
+def test_data_parallel_2_equals_data_parallel_1(small_data, step1_checkpoint, tp1_run, tmp_path):
+    metrics = _continue(small_data, step1_checkpoint, tmp_path, nproc=2, tensor=1, pipeline=1)
+    _assert_same_losses(metrics, tp1_run, rtol=1e-5)
+
+
+def test_save_load_continue_matches_the_uninterrupted_run(small_data, step1_checkpoint, tp1_run, tmp_path):
+    first = _continue(small_data, step1_checkpoint, tmp_path / "a", nproc=1, tensor=1, pipeline=1, steps=3,
+                      save=tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000003"
+    second = _continue(small_data, tmp_path / "ckpt", tmp_path / "b", nproc=1, tensor=1, pipeline=1)
+    assert [m["step"] for m in second] == [4]
+    resumed = first + second
+    for got, want in zip(resumed, tp1_run):
+        assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]  # bit-exact on CPU
+
+
+def test_infifpo_max_margin_at_tp2_pp2_equals_tp1_and_reports_fusion(
+    data_with_source_scores, step1_checkpoint, tmp_path
+):
+    infifpo = ["loss.type=infifpo", "loss.fusion=max_margin", "loss.clip=true", "loss.length_norm=true",
+               "loss.beta=2.5"]
+    runs = {}
+    for name, (nproc, tensor, pipeline) in {"tp1": (1, 1, 1), "tp2pp2": (4, 2, 2)}.items():
+        extra = [f"checkpoint.load={step1_checkpoint}", f"train.steps={STEPS}", f"parallel.tensor={tensor}",
+                 f"parallel.pipeline={pipeline}", *infifpo]
+        run_training(nproc=nproc, overrides=_overrides(data_with_source_scores, tmp_path / name, *extra))
+        runs[name] = read_metrics(tmp_path / name)
+    _assert_same_losses(runs["tp2pp2"], runs["tp1"], rtol=1e-5)
+    for metrics in runs["tp1"]:
+        picked = [metrics["fusion/picked_source_0"], metrics["fusion/picked_source_1"]]
+        assert sum(picked) == pytest.approx(1.0)  # one source per row
+        assert 0.0 <= metrics["fusion/clip_rate_chosen"] <= 1.0
+
+
+def test_the_checkpoint_records_the_train_state(step1_checkpoint):
+    state = json.loads((step1_checkpoint / "iter_0000001" / "train_state.json").read_text())
+    assert state["step"] == 1 and state["sampler"]["consumed"] == 4
+    assert (step1_checkpoint / "iter_0000001" / "pivot_init_scores.safetensors").is_file()
+
+
+def test_fused_loss_without_source_scores_is_refused_at_start(small_data, tmp_path):
+    with pytest.raises(AssertionError, match="needs source scores"):
+        run_training(nproc=1, overrides=_overrides(small_data, tmp_path, "loss.type=infifpo", "parallel.tensor=1",
+                                                   "parallel.pipeline=1", "train.steps=2"))
+
+
+def test_a_layout_that_does_not_fit_the_world_is_refused_before_start(small_data, tmp_path):
+    with pytest.raises(AssertionError, match="parallel.tensor"):
+        run_training(nproc=2, overrides=_overrides(small_data, tmp_path, "parallel.tensor=4", "train.steps=2"))
