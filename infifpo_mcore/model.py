@@ -50,9 +50,7 @@ def use_distributed_optimizer() -> bool:
     return torch.cuda.is_available() and distrib_optimizer.HAVE_APEX_OR_TE
 
 
-def build_transformer_config(
-    *, model: ModelConfig, tensor: int, pipeline: int, virtual_pipeline: int | None, precision: str
-) -> TransformerConfig:
+def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, precision: str) -> TransformerConfig:
     activation, gated = _ACTIVATIONS[model.activation]
     dtype = _DTYPES[precision]
     on_gpu = torch.cuda.is_available()
@@ -71,7 +69,6 @@ def build_transformer_config(
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
-        virtual_pipeline_model_parallel_size=virtual_pipeline,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=precision == "bf16",
@@ -128,32 +125,21 @@ def set_response_positions(model: DistributedDataParallel, positions: torch.Tens
 def build_pivot(
     *, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device
 ) -> list[DistributedDataParallel]:
-    """One DDP-wrapped GPTModel chunk per virtual pipeline stage of this rank (a single chunk without VPP)."""
-    spec = _layer_spec(config)
-    chunks = config.virtual_pipeline_model_parallel_size or 1
+    """This rank's pipeline stage of the pivot, DDP-wrapped, as the one-chunk list Megatron's optimizer expects."""
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(config),
+        vocab_size=vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+    ).to(device)
+    if gpt.post_process:
+        gpt.response_logits = ResponseOnlyLogits(gpt)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer()
     )
-    wrapped = []
-    for vp_stage in range(chunks):
-        vp = vp_stage if chunks > 1 else None
-        gpt = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=vocab_size,
-            max_sequence_length=model.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            share_embeddings_and_output_weights=model.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_base=model.rotary_base,
-            vp_stage=vp,
-        ).to(device)
-        if gpt.post_process:
-            gpt.response_logits = ResponseOnlyLogits(gpt)
-        wrapped.append(
-            DistributedDataParallel(
-                config=config, ddp_config=ddp_config, module=gpt, disable_bucketing=vp_stage > 0
-            )
-        )
-    return wrapped
+    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)]

@@ -53,7 +53,7 @@ class ParallelContext:
 
 
 def init_parallel(
-    *, tensor: int, pipeline: int, virtual_pipeline: int | None, seed: int, timeout_minutes: int = 10
+    *, tensor: int, pipeline: int, seed: int, timeout_minutes: int = 10
 ) -> ParallelContext:
     """Starts torch.distributed (env:// as torchrun sets it; a single process without torchrun) and Megatron's groups.
 
@@ -82,7 +82,6 @@ def init_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
-        virtual_pipeline_model_parallel_size=virtual_pipeline,
         distributed_timeout_minutes=timeout_minutes,
     )
     torch.manual_seed(seed)

@@ -12,8 +12,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -100,11 +98,7 @@ class Trainer:
             vocab_size=vocab, divisible_by=cfg.model.make_vocab_size_divisible_by, tensor=ctx.tensor
         )
         self.transformer_config = build_transformer_config(
-            model=cfg.model,
-            tensor=ctx.tensor,
-            pipeline=ctx.pipeline,
-            virtual_pipeline=cfg.parallel.virtual_pipeline,
-            precision=self.precision,
+            model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision
         )
         self.model = build_pivot(
             model=cfg.model, config=self.transformer_config, vocab_size=self.vocab_size, device=ctx.device
@@ -131,7 +125,9 @@ class Trainer:
         if self.dataset.has_init_logps or self.init_scores is not None:
             return False
         loss = self.cfg.loss
-        return str(loss.type) in ("dpo", "ipo") or (str(loss.type) == "infifpo" and (loss.clip or loss.include_pivot_init))
+        if str(loss.type) == "infifpo":
+            return loss.clip or loss.include_pivot_init
+        return str(loss.type) in ("dpo", "ipo")
 
     def _batch(self, indices: list[int]) -> PreferenceBatch:
         batch = collate_pairs(
@@ -143,16 +139,11 @@ class Trainer:
             batch["init_rejected_logps"] = self.init_scores["rejected_logps"][rows]
         return {k: v.to(self.ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _data_iterator(self, batches: list[PreferenceBatch]) -> Iterator[PreferenceBatch] | list:
-        if len(self.model) == 1:
-            return iter(batches)
-        return [iter(batches) for _ in self.model]  # each virtual stage walks the same micro-batches
-
     def _run_schedule(self, forward_step, batches: list[PreferenceBatch], *, forward_only: bool) -> list[dict]:
         return get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=self._data_iterator(batches),
-            model=self.model if len(self.model) > 1 else self.model[0],
+            data_iterator=iter(batches),
+            model=self.model[0],
             num_microbatches=len(batches),
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=2 * self.cfg.train.micro_batch_size,  # chosen + rejected of each row
@@ -185,15 +176,15 @@ class Trainer:
             chunk.train()
         if not self.ctx.is_last_stage:
             return None
-        local = {key: torch.cat([out[key] for out in outputs]).float().cpu() for key in ("chosen_logps", "rejected_logps")}
-        local_rows = torch.as_tensor(mine)
+        local_rows = torch.cat([out["row_ids"] for out in outputs])
+        local = {key: torch.cat([out[key] for out in outputs]).float() for key in ("chosen_logps", "rejected_logps")}
         table = {key: torch.zeros(total) for key in local}
         group = parallel_state.get_data_parallel_group(with_context_parallel=False)
         gathered_rows = [torch.empty_like(local_rows) for _ in range(size)]
-        dist.all_gather(gathered_rows, local_rows.to(self.ctx.device), group=group)
+        dist.all_gather(gathered_rows, local_rows, group=group)
         for key, values in local.items():
             gathered = [torch.empty_like(values) for _ in range(size)]
-            dist.all_gather(gathered, values.to(self.ctx.device), group=group)
+            dist.all_gather(gathered, values, group=group)
             table[key][torch.cat(gathered_rows).cpu()] = torch.cat(gathered).cpu()
         return table
 
@@ -275,6 +266,19 @@ class Trainer:
         )
         return box[0]
 
+    def _flops_budget(self) -> tuple[float, float | None]:
+        """Model FLOPs per token, and the job's peak FLOP/s where the GPU is known (no MFU on CPU)."""
+        model = self.cfg.model
+        flops_per_token = monitoring.gpt_flops_per_token(
+            num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size,
+            num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+            vocab_size=self.vocab_size, seq_length=model.seq_length, swiglu=str(model.activation) == "swiglu",
+        )
+        if not torch.cuda.is_available():
+            return flops_per_token, None
+        peak = monitoring.peak_bf16_flops(device_name=torch.cuda.get_device_name())
+        return flops_per_token, peak * self.ctx.world_size if peak else None
+
     def fit(self) -> monitoring.RunSummary:
         cfg, ctx = self.cfg, self.ctx
         log_rank = ctx.is_logging_rank
@@ -284,6 +288,7 @@ class Trainer:
         metrics_logger = monitoring.MetricsLogger(run_dir=self.run_dir, enabled=log_rank)
         progress = monitoring.ProgressBar(total=cfg.train.steps, enabled=log_rank, initial=self.step)
         throughput = monitoring.Throughput()
+        flops_per_token, peak_flops = self._flops_budget()
         history: list[dict[str, float]] = []
         checkpoint_path = None
         started = time.perf_counter()
@@ -291,6 +296,12 @@ class Trainer:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
                 metrics["tokens_per_sec"] = throughput.step(tokens=int(metrics.pop("tokens")))
+                if peak_flops:
+                    metrics["mfu"] = monitoring.mfu(
+                        flops_per_token=flops_per_token, tokens_per_sec=metrics["tokens_per_sec"], peak_flops=peak_flops
+                    )
+                if log_rank:
+                    metrics.update(monitoring.gpu_stats())  # {} without a GPU
                 history.append(metrics)
                 metrics_logger.log(step=self.step, metrics=metrics)
                 progress.update(metrics)
@@ -315,23 +326,42 @@ class Trainer:
             ),
             checkpoint_path=str(checkpoint_path) if checkpoint_path else None,
             metrics_path=str(metrics_logger.metrics_path),
+            mfu=history[-1].get("mfu") if history else None,
         )
         if log_rank:
             print(monitoring.format_summary(summary), flush=True)
         return summary
 
 
+def _refuse_unimplemented(cfg: InfiFPOConfig) -> None:
+    problems = []
+    if cfg.sources.num_ranks:
+        problems.append(
+            f"sources.num_ranks ({cfg.sources.num_ranks}): the online source group is not implemented yet; "
+            "use 0 with source scores cached in the data"
+        )
+    if cfg.parallel.virtual_pipeline:
+        # Measured: from one checkpoint, PP 2 x VPP 2 gave losses differing from PP 2 after the warm-up micro-batches.
+        problems.append(
+            f"parallel.virtual_pipeline ({cfg.parallel.virtual_pipeline}): the interleaved schedule is not "
+            "supported yet; use null"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
 def train(cfg: InfiFPOConfig) -> monitoring.RunSummary:
     """Entry point used by launch/pretrain_infifpo.py: every process of the job calls it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_layout(cfg, world_size=world_size)  # before any process group exists: a clear message, not a hang
+    # Before any process group exists: a clear message, not a hang.
+    _refuse_unimplemented(cfg)
+    validate_layout(cfg, world_size=world_size)
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     if int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger("infifpo_mcore").setLevel(logging.INFO)
     ctx = init_parallel(
         tensor=cfg.parallel.tensor,
         pipeline=cfg.parallel.pipeline,
-        virtual_pipeline=cfg.parallel.virtual_pipeline,
         seed=cfg.train.seed,
     )
     try:

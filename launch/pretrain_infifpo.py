@@ -31,12 +31,11 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 loss.type=dpo")
     args = parser.parse_args()
     try:
-        config = load_config(path=args.config, overrides=args.overrides)
+        train(load_config(path=args.config, overrides=args.overrides))
     except ConfigError as error:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
             print(f"config error: {error}", file=sys.stderr)
         return 2
-    train(config)
     return 0
 
 

@@ -23,7 +23,7 @@ def _worker(rank: int, fn, world_size: int, port: int, tensor: int, pipeline: in
     from infifpo_mcore.parallel import destroy_parallel, init_parallel
 
     try:
-        ctx = init_parallel(tensor=tensor, pipeline=pipeline, virtual_pipeline=None, seed=1234)
+        ctx = init_parallel(tensor=tensor, pipeline=pipeline, seed=1234)
         fn(ctx, **kwargs)
     except BaseException:  # reported to the parent, which fails the test with the worker's traceback
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")

@@ -15,7 +15,7 @@ def test_padded_vocab_size_is_divisible_per_tensor_shard():
 def _response_only_logits_equal_full_logits(ctx):
     model_cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                             ffn_hidden_size=128, seq_length=16)
-    config = build_transformer_config(model=model_cfg, tensor=1, pipeline=1, virtual_pipeline=None, precision="fp32")
+    config = build_transformer_config(model=model_cfg, tensor=1, pipeline=1, precision="fp32")
     (model,) = build_pivot(model=model_cfg, config=config, vocab_size=256, device=ctx.device)
     generator = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 256, (4, 16), generator=generator)

@@ -138,3 +138,13 @@ def test_fused_loss_without_source_scores_is_refused_at_start(small_data, tmp_pa
 def test_a_layout_that_does_not_fit_the_world_is_refused_before_start(small_data, tmp_path):
     with pytest.raises(AssertionError, match="parallel.tensor"):
         run_training(nproc=2, overrides=_overrides(small_data, tmp_path, "parallel.tensor=4", "train.steps=2"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.virtual_pipeline=2", "interleaved schedule is not supported yet"),
+    ("sources.num_ranks=1", "online source group is not implemented yet"),
+])
+def test_unimplemented_options_are_refused_by_name(small_data, tmp_path, override, message):
+    with pytest.raises(AssertionError, match=message):
+        run_training(nproc=2, overrides=_overrides(small_data, tmp_path, override, "parallel.pipeline=2",
+                                                   "model.num_layers=4", "train.steps=2"))
