@@ -78,6 +78,13 @@ class Precision(StrEnum):
     bf16 = "bf16"
 
 
+class SourcePrecision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp8 = "fp8"
+
+
 @dataclass
 class ModelConfig:
     """Shape of the pivot (Llama-style decoder)."""
@@ -112,8 +119,30 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceTokenizerConfig:
+    """A source model's own tokenizer; the defaults take the model directory's tokenizer and chat template."""
+    type: TokenizerType = TokenizerType.hf
+    path: str | None = None  # None: <model dir>/tokenizer.json, or for a GGUF source the tokenizer inside the file
+    chat_template: str | None = None  # None: the tokenizer's own; base models without one: "plain"
+
+
+@dataclass
+class SourceConfig:
+    """One source model, scored offline by launch/score_sources.py (see infifpo_mcore/sources.py)."""
+    name: str = ""  # keys the source's entries in the score cache; unique
+    path: str = ""  # a HF model directory, or pkg://package/relative/dir inside an installed package
+    gguf_file: str | None = None  # a GGUF file in `path` to load (dequantised by transformers) instead of HF weights
+    tokenizer: SourceTokenizerConfig = field(default_factory=SourceTokenizerConfig)
+    precision: SourcePrecision = SourcePrecision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
+
+
+@dataclass
 class SourcesConfig:
     num_ranks: int = 0  # ranks scoring the source models online; 0 = scores come cached in the data
+    models: list[SourceConfig] = field(default_factory=list)  # in fuse_* list order
+    output: str | None = None  # the scored dataset launch/score_sources.py writes (or its --out)
+    chunk_rows: int = 64  # rows scored between two appends to the score cache: what an interruption can lose
+    batch_tokens: int = 4096  # padded tokens per source forward pass
 
 
 @dataclass
@@ -150,6 +179,7 @@ class TrainConfig:
     seed: int = 1234
     precision: Precision = Precision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
     log_interval: int = 1
+    eval_interval: int | None = None  # steps between evaluations of data.eval_path (None: only after the last step)
 
 
 @dataclass
@@ -172,9 +202,9 @@ class InfiFPOConfig:
     run_dir: str = "runs/tiny"
 
 
-def _schema_type(key: str) -> Any:
-    """The annotated type of dotted `key` in the config tree, or None when no such key exists."""
-    node: Any = InfiFPOConfig
+def _schema_type(key: str, root: type | None = None) -> Any:
+    """The annotated type of dotted `key` in the config tree (or under `root`), or None when no such key exists."""
+    node: Any = root or InfiFPOConfig
     for part in key.split("."):
         if not dataclasses.is_dataclass(node) or part not in (hints := get_type_hints(node)):
             return None
@@ -182,23 +212,23 @@ def _schema_type(key: str) -> Any:
     return node
 
 
-def _all_keys(node: type = InfiFPOConfig, prefix: str = "") -> list[str]:
+def _all_keys(node: type | None = None, prefix: str = "") -> list[str]:
     keys = []
-    for name, hint in get_type_hints(node).items():
+    for name, hint in get_type_hints(node or InfiFPOConfig).items():
         keys.append(prefix + name)
         if dataclasses.is_dataclass(hint):
             keys.extend(_all_keys(hint, f"{prefix}{name}."))
     return keys
 
 
-def _unknown_key_problem(key: str, origin: str) -> str:
-    valid_keys = _all_keys()
+def _unknown_key_problem(key: str, origin: str, root: type | None = None, label: str = "") -> str:
+    valid_keys = _all_keys(root)
     leaf = key.rsplit(".", 1)[-1]
     # A known field name in the wrong section ("train.beta") is a better hint than the closest spelling.
     same_leaf = [valid for valid in valid_keys if valid.rsplit(".", 1)[-1] == leaf]
     close = same_leaf or difflib.get_close_matches(key, valid_keys, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"{key}: unknown key (in {origin}){hint}"
+    hint = f"; did you mean '{label}{close[0]}'?" if close else ""
+    return f"{label}{key}: unknown key (in {origin}){hint}"
 
 
 def _describe_type(hint: Any) -> str:
@@ -212,32 +242,65 @@ def _describe_type(hint: Any) -> str:
     return "bool (true/false)" if hint is bool else hint.__name__
 
 
-def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten(tree: dict, prefix: str = "", root: type | None = None) -> list[tuple[str, Any]]:
     """Split a nested mapping into (dotted key, value) leaves, descending only into config sections."""
     leaves = []
     for name, value in tree.items():
         key = f"{prefix}{name}"
-        if isinstance(value, dict) and dataclasses.is_dataclass(_schema_type(key)):
-            leaves.extend(_flatten(value, f"{key}."))
+        if isinstance(value, dict) and dataclasses.is_dataclass(_schema_type(key, root)):
+            leaves.extend(_flatten(value, f"{key}.", root))
         else:
             leaves.append((key, value))
     return leaves
 
 
-def _apply(merged: DictConfig, *, key: str, value: Any, origin: str) -> str | None:
-    """Set one dotted key; returns a problem line instead of raising so that all problems get reported."""
-    hint = _schema_type(key)
+def _section_list_item(hint: Any) -> type | None:
+    """The section type of a `list[Section]` field (`sources.models`), else None."""
+    args = get_args(hint)
+    return args[0] if getattr(hint, "__origin__", None) is list and dataclasses.is_dataclass(args[0]) else None
+
+
+def _apply(merged: DictConfig, *, key: str, value: Any, origin: str, root: type | None = None,
+           label: str = "") -> list[str]:
+    """Set one dotted key; returns problem lines instead of raising so that all problems get reported.
+
+    `root` and `label` apply this to one item of a section list: keys are looked up in the item's type and
+    named `label + key` (e.g. `sources.models[0].precision`) in messages.
+    """
+    hint = _schema_type(key, root)
     if hint is None:
-        return _unknown_key_problem(key, origin)
-    wrong_type = f"{key}: expected {_describe_type(hint)}, got {value!r} (in {origin})"
+        return [_unknown_key_problem(key, origin, root, label)]
+    if (item_type := _section_list_item(hint)) is not None:
+        return _apply_section_list(merged, key=key, item_type=item_type, value=value, origin=origin)
+    wrong_type = f"{label}{key}: expected {_describe_type(hint)}, got {value!r} (in {origin})"
     # OmegaConf would turn any int into a bool (2 -> True); a bool field takes only true/false.
     if hint is bool and not isinstance(value, bool):
-        return wrong_type
+        return [wrong_type]
     try:
         OmegaConf.update(merged, key, value, merge=True)
     except OmegaConfBaseException:
-        return wrong_type
-    return None
+        return [wrong_type]
+    return []
+
+
+def _apply_section_list(merged: DictConfig, *, key: str, item_type: type, value: Any, origin: str) -> list[str]:
+    """Replace a list of sections; every key of every item is checked as a top-level key would be."""
+    if not isinstance(value, list):
+        return [f"{key}: expected a list of mappings with keys {', '.join(_all_keys(item_type))}, got {value!r} "
+                f"(in {origin})"]
+    problems, items = [], []
+    for index, entry in enumerate(value):
+        item = OmegaConf.structured(item_type)
+        if not isinstance(entry, dict):
+            problems.append(f"{key}[{index}]: expected a mapping, got {entry!r} (in {origin})")
+            continue
+        for sub_key, sub_value in _flatten(entry, root=item_type):
+            problems += _apply(item, key=sub_key, value=sub_value, origin=origin, root=item_type,
+                               label=f"{key}[{index}].")
+        items.append(item)
+    if not problems:
+        OmegaConf.update(merged, key, items, merge=False)
+    return problems
 
 
 def _read_yaml(path: str | os.PathLike, problems: list[str]) -> dict:
@@ -276,7 +339,8 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     positive = ["model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
                 "model.ffn_hidden_size", "model.vocab_size", "model.seq_length", "model.make_vocab_size_divisible_by",
                 "model.rotary_base", "model.init_method_std", "parallel.tensor", "parallel.pipeline",
-                "parallel.virtual_pipeline", "loss.beta", "data.max_prompt_length", "train.micro_batch_size",
+                "parallel.virtual_pipeline", "train.eval_interval", "sources.chunk_rows", "sources.batch_tokens", "loss.beta",
+                "data.max_prompt_length", "train.micro_batch_size",
                 "train.global_batch_size", "train.steps", "train.lr", "train.log_interval", "checkpoint.save_interval"]
     non_negative = ["sources.num_ranks", "train.min_lr", "train.warmup_steps", "train.weight_decay",
                     "train.grad_clip", "train.seed"]
@@ -312,6 +376,13 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                         f"({cfg.model.seq_length}) to leave room for the response")
     if cfg.checkpoint.save_interval is not None and cfg.checkpoint.save is None:
         problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
+    names = [source.name for source in cfg.sources.models]
+    for index, source in enumerate(cfg.sources.models):
+        for key in ("name", "path"):
+            if not getattr(source, key).strip():
+                problems.append(f"sources.models[{index}].{key}: must not be empty")
+        if source.name in names[:index]:
+            problems.append(f"sources.models[{index}].name: {source.name!r} is used twice (names key the score cache)")
     return problems
 
 
@@ -326,8 +397,7 @@ def load_config(*, path: str | os.PathLike | None = None, overrides: Sequence[st
     inputs += [(f"override {override!r}", _parse_override(override, problems)) for override in overrides]
     for origin, tree in inputs:
         for key, value in _flatten(tree):
-            if (problem := _apply(merged, key=key, value=value, origin=origin)) is not None:
-                problems.append(problem)
+            problems += _apply(merged, key=key, value=value, origin=origin)
     try:
         cfg = OmegaConf.to_object(merged)  # also resolves ${...} interpolations
     except OmegaConfBaseException as error:

@@ -266,11 +266,13 @@ class RunSummary:
     checkpoint_path: str | None
     metrics_path: str | None
     mfu: float | None = None
+    eval_loss: float | None = None      # on the held-out split after the last step, when there is one
+    eval_accuracy: float | None = None
 
 
 def summarize_run(*, history: Sequence[Mapping[str, float]], accuracy_window: int = 5, tokens_per_sec: float,
                   wall_seconds: float, reference: str, checkpoint_path: str | None, metrics_path: str | None,
-                  mfu: float | None = None) -> RunSummary:
+                  mfu: float | None = None, eval_metrics: Mapping[str, float] | None = None) -> RunSummary:
     """Build a RunSummary from the per-step metric dicts of this run (oldest first)."""
     recent = [step["rewards/accuracies"] for step in history[-accuracy_window:] if "rewards/accuracies" in step]
     return RunSummary(
@@ -281,6 +283,8 @@ def summarize_run(*, history: Sequence[Mapping[str, float]], accuracy_window: in
         accuracy_window=len(recent),
         tokens_per_sec=tokens_per_sec, wall_seconds=wall_seconds, reference=reference,
         checkpoint_path=checkpoint_path, metrics_path=metrics_path, mfu=mfu,
+        eval_loss=(eval_metrics or {}).get("eval/loss"),
+        eval_accuracy=(eval_metrics or {}).get("eval/rewards/accuracies"),
     )
 
 
@@ -297,6 +301,8 @@ def format_summary(summary: RunSummary) -> str:
         ("steps run", str(summary.steps_run)),
         ("loss", loss),
         ("reward accuracy", accuracy),
+        *([("held-out", f"loss {summary.eval_loss:.4f}, reward accuracy {summary.eval_accuracy:.3f}")]
+          if summary.eval_loss is not None and summary.eval_accuracy is not None else []),
         ("tokens/s", f"{summary.tokens_per_sec:,.1f}"),
         *([("MFU", f"{summary.mfu:.1%}")] if summary.mfu is not None else []),
         ("wall time", f"{int(minutes)}m {seconds:04.1f}s"),

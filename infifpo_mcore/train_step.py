@@ -43,8 +43,7 @@ def _response_logps(logits: Tensor, batch: PreferenceBatch) -> tuple[Tensor, Ten
     return response_sequence_logps(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"])
 
 
-def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Last stage: response ``logits [1, n, V/TP]`` -> (mean loss over the B rows, metrics averaged over the rows)."""
+def _row_losses(logits: Tensor, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     sums, lengths = _response_logps(logits, batch)
     chosen_sums, rejected_sums = split_pairs(sums)
     chosen_lengths, rejected_lengths = split_pairs(lengths)
@@ -55,7 +54,7 @@ def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig)
         "policy_rejected_lengths": rejected_lengths,
     }
     logps.update({key: batch[key] for key in _REFERENCE_KEYS if key in batch})
-    row_losses, row_metrics = losses.compute_loss(
+    return losses.compute_loss(
         loss_type=loss.type,
         logps=logps,
         beta=loss.beta,
@@ -64,11 +63,24 @@ def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig)
         fusion=loss.fusion,
         include_pivot_init=loss.include_pivot_init,
     )
+
+
+def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Last stage: response ``logits [1, n, V/TP]`` -> (mean loss over the B rows, metrics averaged over the rows)."""
+    row_losses, row_metrics = _row_losses(logits, batch, loss)
     mean_loss = row_losses.mean()
     # The schedule divides the returned loss in place: report a copy (NOTES.md).
     reported = {"loss": mean_loss.detach().clone()}
     reported.update({name: value.detach().float().mean() for name, value in row_metrics.items()})
     return mean_loss, reported
+
+
+def evaluation_rows(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward-only evaluation: per-row loss and metrics ``[B]`` with their row ids, so duplicates can be dropped."""
+    row_losses, row_metrics = _row_losses(logits, batch, loss)
+    rows = {"row_ids": batch["row_ids"], "loss": row_losses.detach()}
+    rows.update({name: value.detach().float() for name, value in row_metrics.items()})
+    return torch.zeros((), device=logits.device), rows
 
 
 def sequence_scores(logits: Tensor, *, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -83,6 +95,14 @@ def training_forward_step(loss: LossConfig) -> Callable:
     def forward_step(data_iterator: Iterator[PreferenceBatch], model: torch.nn.Module):
         batch = next(data_iterator)
         return _run_model(model, batch), partial(preference_loss, batch=batch, loss=loss)
+
+    return forward_step
+
+
+def evaluation_forward_step(loss: LossConfig) -> Callable:
+    def forward_step(data_iterator: Iterator[PreferenceBatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        return _run_model(model, batch), partial(evaluation_rows, batch=batch, loss=loss)
 
     return forward_step
 

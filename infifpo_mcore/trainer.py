@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -26,12 +28,25 @@ from infifpo_mcore.data import PreferenceBatch, PreferenceDataset, ResumableSamp
 from infifpo_mcore.model import build_pivot, build_transformer_config, padded_vocab_size, use_distributed_optimizer
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel
 from infifpo_mcore.tokenization import build_tokenizer
-from infifpo_mcore.train_step import scoring_forward_step, training_forward_step
+from infifpo_mcore.train_step import evaluation_forward_step, scoring_forward_step, training_forward_step
 
 logger = logging.getLogger(__name__)
 
 # Loss types whose reference is fused from source scores, which the data must then carry.
 _FUSED_REFERENCE_LOSSES = ("infifpo", "fpo")
+
+
+@dataclass
+class _Split:
+    """A dataset and the pivot-init scores of its rows (None where the data caches them or no loss needs them)."""
+
+    name: str
+    dataset: PreferenceDataset
+    init_scores: dict[str, torch.Tensor] | None = None
+
+
+def _differences(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in zip(times, times[1:])]
 
 
 def _pair_tokens(example) -> int:
@@ -82,17 +97,8 @@ class Trainer:
             type=str(cfg.tokenizer.type), path=cfg.tokenizer.path, chat_template=cfg.tokenizer.chat_template
         )
         self.tokenizer = tokenizer
-        self.dataset: PreferenceDataset = load_preference_dataset(
-            path=cfg.data.path,
-            tokenizer=tokenizer,
-            seq_length=cfg.model.seq_length,
-            max_prompt_length=cfg.data.max_prompt_length,
-        )
-        if str(cfg.loss.type) in _FUSED_REFERENCE_LOSSES and self.dataset.num_sources == 0:
-            raise ConfigError(
-                f"loss.type={cfg.loss.type} needs source scores (fuse_* fields) in {cfg.data.path}, which has none; "
-                "score the sources first (launch/score_sources.py) or use loss.type=dpo|ipo"
-            )
+        self.train_data = _Split("train", self._load_data(cfg.data.path))
+        self.eval_data = _Split("eval", self._load_data(cfg.data.eval_path)) if cfg.data.eval_path else None
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(
             vocab_size=vocab, divisible_by=cfg.model.make_vocab_size_divisible_by, tensor=ctx.tensor
@@ -107,36 +113,58 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision)
         self.micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.data)
         self.step = 0
-        self.init_scores: dict[str, torch.Tensor] | None = None
         self.sampler = ResumableSampler(
-            num_rows=len(self.dataset), seed=cfg.train.seed, dp_rank=ctx.data_rank, dp_size=ctx.data,
+            num_rows=len(self.train_data.dataset), seed=cfg.train.seed, dp_rank=ctx.data_rank, dp_size=ctx.data,
             shuffle=cfg.data.shuffle,
         )
         if cfg.checkpoint.load:
             self._load(Path(cfg.checkpoint.load))
         self.row_order = iter(self.sampler)
-        if self._needs_init_scores():
-            self.init_scores = self._score_pivot_init()
+        for split in (self.train_data, self.eval_data):
+            if split is not None and self._needs_init_scores(split):
+                split.init_scores = self._score_pivot_init(split)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Data
-    def _needs_init_scores(self) -> bool:
-        """DPO/IPO and InfiFPO's clipping need pivot-init scores; computed once when the data has none cached."""
-        if self.dataset.has_init_logps or self.init_scores is not None:
+    def _load_data(self, path: str) -> PreferenceDataset:
+        dataset = load_preference_dataset(
+            path=path,
+            tokenizer=self.tokenizer,
+            seq_length=self.cfg.model.seq_length,
+            max_prompt_length=self.cfg.data.max_prompt_length,
+        )
+        if str(self.cfg.loss.type) in _FUSED_REFERENCE_LOSSES and dataset.num_sources == 0:
+            raise ConfigError(
+                f"loss.type={self.cfg.loss.type} needs source scores (fuse_* fields) in {path}, which has none; "
+                "score the sources first (launch/score_sources.py) or use loss.type=dpo|ipo"
+            )
+        return dataset
+
+    def _needs_init_scores(self, split: _Split) -> bool:
+        """DPO/IPO and InfiFPO's clipping need pivot-init scores; computed once when the data has none cached.
+
+        Only an untrained pivot can give them: a run resumed past step 0 must find them in its checkpoint.
+        """
+        if split.dataset.has_init_logps or split.init_scores is not None:
             return False
         loss = self.cfg.loss
-        if str(loss.type) == "infifpo":
-            return loss.clip or loss.include_pivot_init
-        return str(loss.type) in ("dpo", "ipo")
+        needed = (loss.clip or loss.include_pivot_init) if str(loss.type) == "infifpo" else str(loss.type) in ("dpo", "ipo")
+        if needed and self.step > 0:
+            raise ConfigError(
+                f"checkpoint {self.cfg.checkpoint.load} (step {self.step}) has no pivot-init scores for the {split.name} "
+                f"data and the pivot is no longer at its init; add ref_* scores to that data or start from step 0"
+            )
+        return needed
 
-    def _batch(self, indices: list[int]) -> PreferenceBatch:
+    def _batch(self, indices: list[int], split: _Split | None = None) -> PreferenceBatch:
+        split = split or self.train_data
         batch = collate_pairs(
-            [self.dataset[i] for i in indices], seq_length=self.cfg.model.seq_length, pad_id=self.tokenizer.pad_id
+            [split.dataset[i] for i in indices], seq_length=self.cfg.model.seq_length, pad_id=self.tokenizer.pad_id
         )
-        if self.init_scores is not None:
+        if split.init_scores is not None:
             rows = torch.as_tensor(indices)
-            batch["init_chosen_logps"] = self.init_scores["chosen_logps"][rows]
-            batch["init_rejected_logps"] = self.init_scores["rejected_logps"][rows]
+            batch["init_chosen_logps"] = split.init_scores["chosen_logps"][rows]
+            batch["init_rejected_logps"] = split.init_scores["rejected_logps"][rows]
         return {k: v.to(self.ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _run_schedule(self, forward_step, batches: list[PreferenceBatch], *, forward_only: bool) -> list[dict]:
@@ -153,40 +181,60 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------------
     # Pivot-init reference
-    @torch.no_grad()
-    def _score_pivot_init(self) -> dict[str, torch.Tensor] | None:
-        """Forward-only pass of the untrained pivot over every row; the last stage keeps a full table.
+    def _forward_only_rows(self, forward_step, split: _Split) -> dict[str, torch.Tensor] | None:
+        """Every row of ``split`` once through the pipeline, forward-only; per-row outputs gathered on the last stage.
 
-        Rows are dealt round-robin over data-parallel ranks (each rank padded to the same count by repeating its last
-        row), then the last-stage ranks all-gather their shares. Other stages return None.
+        Rows are dealt round-robin over data-parallel ranks, each share padded to whole micro-batches by repeating
+        its last row; the last-stage ranks all-gather their outputs and keep one entry per row, in row order. Other
+        stages return None.
         """
-        size, rank = self.ctx.data, self.ctx.data_rank
-        mbs = self.cfg.train.micro_batch_size
-        total = len(self.dataset)
+        size, rank, mbs = self.ctx.data, self.ctx.data_rank, self.cfg.train.micro_batch_size
+        total = len(split.dataset)
         per_rank = math.ceil(math.ceil(total / size) / mbs) * mbs
-        mine = list(range(rank, total, size))
+        mine = list(range(rank, total, size)) or [0]
         mine += [mine[-1]] * (per_rank - len(mine))
-        if self.ctx.rank == 0:
-            logger.info("data has no pivot-init scores (ref_*): scoring %d rows with the pivot init, once", total)
         for chunk in self.model:
             chunk.eval()
-        batches = [self._batch(mine[i : i + mbs]) for i in range(0, per_rank, mbs)]
-        outputs = self._run_schedule(scoring_forward_step, batches, forward_only=True)
+        with torch.no_grad():
+            batches = [self._batch(mine[i : i + mbs], split) for i in range(0, per_rank, mbs)]
+            outputs = self._run_schedule(forward_step, batches, forward_only=True)
         for chunk in self.model:
             chunk.train()
         if not self.ctx.is_last_stage:
             return None
-        local_rows = torch.cat([out["row_ids"] for out in outputs])
-        local = {key: torch.cat([out[key] for out in outputs]).float() for key in ("chosen_logps", "rejected_logps")}
-        table = {key: torch.zeros(total) for key in local}
         group = parallel_state.get_data_parallel_group(with_context_parallel=False)
-        gathered_rows = [torch.empty_like(local_rows) for _ in range(size)]
-        dist.all_gather(gathered_rows, local_rows, group=group)
-        for key, values in local.items():
-            gathered = [torch.empty_like(values) for _ in range(size)]
-            dist.all_gather(gathered, values, group=group)
-            table[key][torch.cat(gathered_rows).cpu()] = torch.cat(gathered).cpu()
-        return table
+        table = {}
+        for key in outputs[0]:
+            local = torch.cat([out[key] for out in outputs])
+            gathered = [torch.empty_like(local) for _ in range(size)]
+            dist.all_gather(gathered, local, group=group)
+            table[key] = torch.cat(gathered).cpu()
+        rows = table.pop("row_ids")
+        by_row = {}
+        for key, values in table.items():
+            by_row[key] = torch.zeros(total, dtype=values.dtype)
+            by_row[key][rows] = values  # duplicates of a row carry the same value
+        return by_row
+
+    def _score_pivot_init(self, split: _Split) -> dict[str, torch.Tensor] | None:
+        if self.ctx.rank == 0:
+            logger.info(
+                "%s data has no pivot-init scores (ref_*): scoring its %d rows with the pivot init, once",
+                split.name, len(split.dataset),
+            )
+        return self._forward_only_rows(scoring_forward_step, split)
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and metrics of the held-out split, every row counted once; on every rank."""
+        rows = self._forward_only_rows(evaluation_forward_step(self.cfg.loss), self.eval_data)
+        metrics = {f"eval/{key}": values.float().mean().item() for key, values in rows.items()} if rows else None
+        box = [metrics]
+        dist.broadcast_object_list(
+            box,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        return box[0]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -196,13 +244,20 @@ class Trainer:
             self.step = state["step"]
             self.sampler.load_state_dict(state["sampler"])
             self.scheduler.load_state_dict(state["scheduler"])
-        self.init_scores = checkpointing.load_init_scores(path)
+        saved = checkpointing.load_init_scores(path) or {}
+        for split in (self.train_data, self.eval_data):
+            prefix = "" if split is self.train_data else "eval/"
+            if split is not None and f"{prefix}chosen_logps" in saved:
+                split.init_scores = {key: saved[prefix + key] for key in ("chosen_logps", "rejected_logps")}
         if self.ctx.rank == 0:
             logger.info("loaded %s (step %d)", path, self.step)
 
     def _save(self) -> Path:
+        init_scores = dict(self.train_data.init_scores or {})
+        if self.eval_data is not None and self.eval_data.init_scores is not None:
+            init_scores.update({f"eval/{key}": value for key, value in self.eval_data.init_scores.items()})
         writes_scores = (
-            self.init_scores is not None
+            bool(init_scores)
             and self.ctx.is_last_stage
             and parallel_state.get_tensor_model_parallel_rank() == 0
             and self.ctx.data_rank == 0
@@ -218,7 +273,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "has_optimizer": True,
             },
-            init_scores=self.init_scores if writes_scores else None,
+            init_scores=init_scores if writes_scores else None,
         )
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -230,24 +285,30 @@ class Trainer:
         for _ in range(self.micro_batches):
             indices = [next(self.row_order) for _ in range(mbs)]
             batches.append(self._batch(indices))
-            tokens += sum(_pair_tokens(self.dataset[i]) for i in indices)
+            tokens += sum(_pair_tokens(self.train_data.dataset[i]) for i in indices)
         total = torch.tensor([tokens], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
         return batches, int(total.item())
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns the step's metrics (on every rank)."""
+        clock = [time.perf_counter()]
         batches, tokens = self._next_global_batch()
+        clock.append(time.perf_counter())
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run_schedule(training_forward_step(self.cfg.loss), batches, forward_only=False)
+        clock.append(time.perf_counter())
         self.scheduler.step(increment=1)  # the lr of step k is the schedule's value at k + 1: no lr=0 first step
         lr = self.optimizer.param_groups[0]["lr"]
         update_ok, grad_norm, _ = self.optimizer.step()
+        clock.append(time.perf_counter())
         self.step += 1
         metrics = self._reduce_metrics(outputs)
         metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), skipped=float(not update_ok), tokens=float(tokens))
+        # This rank's step time: data (incl. waiting for scores) / forward-backward through the pipeline / optimizer.
+        metrics.update(zip(("time/data", "time/forward_backward", "time/optimizer"), _differences(clock)))
         return metrics
 
     def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
@@ -279,6 +340,10 @@ class Trainer:
         peak = monitoring.peak_bf16_flops(device_name=torch.cuda.get_device_name())
         return flops_per_token, peak * self.ctx.world_size if peak else None
 
+    def _eval_due(self) -> bool:
+        interval = self.cfg.train.eval_interval
+        return self.step == self.cfg.train.steps or bool(interval and self.step % interval == 0)
+
     def fit(self) -> monitoring.RunSummary:
         cfg, ctx = self.cfg, self.ctx
         log_rank = ctx.is_logging_rank
@@ -302,6 +367,9 @@ class Trainer:
                     )
                 if log_rank:
                     metrics.update(monitoring.gpu_stats())  # {} without a GPU
+                if self.eval_data is not None and self._eval_due():
+                    metrics.update(self.evaluate())
+                    throughput.restart_clock()
                 history.append(metrics)
                 metrics_logger.log(step=self.step, metrics=metrics)
                 progress.update(metrics)
@@ -320,13 +388,14 @@ class Trainer:
             wall_seconds=time.perf_counter() - started,
             reference=monitoring.describe_reference(
                 loss_type=str(cfg.loss.type),
-                num_sources=self.dataset.num_sources,
+                num_sources=self.train_data.dataset.num_sources,
                 fusion=str(cfg.loss.fusion),
                 include_pivot_init=cfg.loss.include_pivot_init,
             ),
             checkpoint_path=str(checkpoint_path) if checkpoint_path else None,
             metrics_path=str(metrics_logger.metrics_path),
             mfu=history[-1].get("mfu") if history else None,
+            eval_metrics={k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {},
         )
         if log_rank:
             print(monitoring.format_summary(summary), flush=True)

@@ -16,9 +16,13 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
+    """24 training rows, and beside them 5 held-out rows (eval.jsonl): an odd count, so data-parallel shares are
+    padded and the duplicates must be dropped."""
     path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
     rows = (REPO / "launch/data/tiny_prefs_train.jsonl").read_text().splitlines()[:24]
     path.write_text("\n".join(rows) + "\n")
+    held_out = (REPO / "launch/data/tiny_prefs_eval.jsonl").read_text().splitlines()[:5]
+    path.with_name("eval.jsonl").write_text("\n".join(held_out) + "\n")
     return path
 
 
@@ -42,7 +46,8 @@ def data_with_source_scores(small_data, tmp_path_factory) -> Path:
 
 def _overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        f"data.path={data}", f"run_dir={run_dir}", "model.seq_length=128", "train.micro_batch_size=2",
+        f"data.path={data}", f"run_dir={run_dir}", f"data.eval_path={data.with_name('eval.jsonl')}",
+        "train.eval_interval=2", "model.seq_length=128", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.warmup_steps=1", "train.lr=2e-3", "checkpoint.save=null", *extra,
     ]
 
@@ -71,11 +76,15 @@ def tp1_run(small_data, step1_checkpoint, tmp_path_factory) -> list[dict]:
     return _continue(small_data, step1_checkpoint, tmp_path_factory.mktemp("tp1"), nproc=1, tensor=1, pipeline=1)
 
 
-def _assert_same_losses(ours: list[dict], reference: list[dict], *, rtol: float) -> None:
+def _assert_same_losses(ours: list[dict], reference: list[dict], *, rtol: float, evaluated: bool = True) -> None:
     assert [m["step"] for m in ours] == [m["step"] for m in reference] == list(range(2, STEPS + 1))
     for got, want in zip(ours, reference):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-6), (got["step"], key)
+        assert ("eval/loss" in got) == ("eval/loss" in want) == (evaluated and got["step"] % 2 == 0)
+        if "eval/loss" in got:
+            for key in ("eval/loss", "eval/rewards/accuracies"):
+                assert got[key] == pytest.approx(want[key], rel=rtol, abs=1e-6), (got["step"], key)
 
 
 def test_tp1_run_trains(tp1_run):
@@ -103,20 +112,22 @@ def test_save_load_continue_matches_the_uninterrupted_run(small_data, step1_chec
     resumed = first + second
     for got, want in zip(resumed, tp1_run):
         assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]  # bit-exact on CPU
+        if "eval/loss" in want:  # the eval reference (pivot-init scores) came back from the checkpoint
+            assert got["eval/loss"] == want["eval/loss"]
 
 
 def test_infifpo_max_margin_at_tp2_pp2_equals_tp1_and_reports_fusion(
     data_with_source_scores, step1_checkpoint, tmp_path
 ):
     infifpo = ["loss.type=infifpo", "loss.fusion=max_margin", "loss.clip=true", "loss.length_norm=true",
-               "loss.beta=2.5"]
+               "loss.beta=2.5", "data.eval_path=null"]
     runs = {}
     for name, (nproc, tensor, pipeline) in {"tp1": (1, 1, 1), "tp2pp2": (4, 2, 2)}.items():
         extra = [f"checkpoint.load={step1_checkpoint}", f"train.steps={STEPS}", f"parallel.tensor={tensor}",
                  f"parallel.pipeline={pipeline}", *infifpo]
         run_training(nproc=nproc, overrides=_overrides(data_with_source_scores, tmp_path / name, *extra))
         runs[name] = read_metrics(tmp_path / name)
-    _assert_same_losses(runs["tp2pp2"], runs["tp1"], rtol=1e-5)
+    _assert_same_losses(runs["tp2pp2"], runs["tp1"], rtol=1e-5, evaluated=False)
     for metrics in runs["tp1"]:
         picked = [metrics["fusion/picked_source_0"], metrics["fusion/picked_source_1"]]
         assert sum(picked) == pytest.approx(1.0)  # one source per row
@@ -126,7 +137,11 @@ def test_infifpo_max_margin_at_tp2_pp2_equals_tp1_and_reports_fusion(
 def test_the_checkpoint_records_the_train_state(step1_checkpoint):
     state = json.loads((step1_checkpoint / "iter_0000001" / "train_state.json").read_text())
     assert state["step"] == 1 and state["sampler"]["consumed"] == 4
-    assert (step1_checkpoint / "iter_0000001" / "pivot_init_scores.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    scores = load_file(step1_checkpoint / "iter_0000001" / "pivot_init_scores.safetensors")
+    assert scores["chosen_logps"].shape == (24,) and scores["eval/rejected_logps"].shape == (5,)
+    assert (scores["chosen_logps"] < 0).all() and (scores["eval/chosen_logps"] < 0).all()
 
 
 def test_fused_loss_without_source_scores_is_refused_at_start(small_data, tmp_path):
