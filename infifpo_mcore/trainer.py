@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,11 @@ class Trainer:
         self.tokenizer = tokenizer
         self.train_data = _Split("train", self._load_data(cfg.data.path))
         self.eval_data = _Split("eval", self._load_data(cfg.data.eval_path)) if cfg.data.eval_path else None
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({tokenizer.vocab_size}, {cfg.tokenizer.path}): its ids would index past the embedding"
+            )
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(
             vocab_size=vocab, divisible_by=cfg.model.make_vocab_size_divisible_by, tensor=ctx.tensor
@@ -111,6 +117,8 @@ class Trainer:
         )
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision)
+        if cfg.checkpoint.save:
+            self._check_checkpoint_space(Path(cfg.checkpoint.save))
         self.micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.data)
         self.step = 0
         self.sampler = ResumableSampler(
@@ -139,6 +147,22 @@ class Trainer:
                 "score the sources first (launch/score_sources.py) or use loss.type=dpo|ipo"
             )
         return dataset
+
+    def _check_checkpoint_space(self, root: Path) -> None:
+        """Refuses to start when the checkpoint disk cannot hold one checkpoint: fp32 weights + Adam's two moments
+        (+ fp32 master weights in bf16), i.e. 12-16 bytes per parameter, counted over the whole model."""
+        local = sum(p.numel() for p in self.model[0].parameters())
+        total = torch.tensor([local], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(total)
+        parameters = int(total.item()) // self.ctx.data  # each data-parallel replica holds the whole model
+        needed = parameters * (16 if self.precision == "bf16" else 12)
+        existing = next(parent for parent in (root, *root.parents) if parent.exists())
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            raise ConfigError(
+                f"checkpoint.save={root}: one checkpoint needs ~{needed / 2**30:.1f} GiB "
+                f"({parameters:,} parameters), only {free / 2**30:.1f} GiB free on {existing}"
+            )
 
     def _needs_init_scores(self, split: _Split) -> bool:
         """DPO/IPO and InfiFPO's clipping need pivot-init scores; computed once when the data has none cached.

@@ -163,3 +163,9 @@ def test_unimplemented_options_are_refused_by_name(small_data, tmp_path, overrid
     with pytest.raises(AssertionError, match=message):
         run_training(nproc=2, overrides=_overrides(small_data, tmp_path, override, "parallel.pipeline=2",
                                                    "model.num_layers=4", "train.steps=2"))
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(small_data, tmp_path):
+    with pytest.raises(AssertionError, match=r"model.vocab_size \(1000\) is smaller than the tokenizer's vocabulary"):
+        run_training(nproc=1, overrides=_overrides(small_data, tmp_path, "model.vocab_size=1000", "parallel.tensor=1",
+                                                   "parallel.pipeline=1", "train.steps=2"))
