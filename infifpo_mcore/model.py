@@ -28,12 +28,6 @@ _ACTIVATIONS = {
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def padded_vocab_size(*, vocab_size: int, divisible_by: int, tensor: int) -> int:
-    """Megatron-LM's convention: pad so every TP shard of the embedding has the same, aligned size."""
-    multiple = divisible_by * tensor
-    return -(-vocab_size // multiple) * multiple
-
-
 def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 

@@ -302,10 +302,13 @@ def _jinja_template(source: str, backend: Backend) -> NamedTemplate:
 class ChatTokenizer:
     """A backend plus a chat template; the ``Tokenizer`` protocol plus ``encode_prompt``/``encode_response``."""
 
-    def __init__(self, *, backend: Backend, template: NamedTemplate, template_name: str):
+    def __init__(self, *, backend: Backend, template: NamedTemplate, template_name: str, template_source: str):
         self._backend = backend
         self._template = template
         self.template_name = template_name
+        # The name of a built-in template or the jinja text rendered (the tokenizer's own for "own"): what a
+        # cache of scores must record to notice that prompts would now render differently.
+        self.template_source = template_source
         self.vocab_size = backend.vocab_size
         self.bos_id = backend.bos_id
         self.eos_id = backend.eos_id
@@ -358,11 +361,12 @@ def build_tokenizer(*, type: str, path: str, chat_template: str | None) -> ChatT
             raise TokenizerError(f"tokenizer {path!r} has no chat template of its own; choose one of "
                                  f"{sorted(CHAT_TEMPLATES)} or pass a jinja2 template string")
         return ChatTokenizer(backend=backend, template=_jinja_template(backend.own_chat_template, backend),
-                             template_name="own")
+                             template_name="own", template_source=backend.own_chat_template)
     if "{{" in chat_template or "{%" in chat_template:
         return ChatTokenizer(backend=backend, template=_jinja_template(chat_template, backend),
-                             template_name="jinja")
+                             template_name="jinja", template_source=chat_template)
     if chat_template not in CHAT_TEMPLATES:
         raise TokenizerError(f"unknown chat template {chat_template!r}; known: {sorted(CHAT_TEMPLATES)}, "
                              "a jinja2 template string, or None for the tokenizer's own")
-    return ChatTokenizer(backend=backend, template=CHAT_TEMPLATES[chat_template], template_name=chat_template)
+    return ChatTokenizer(backend=backend, template=CHAT_TEMPLATES[chat_template], template_name=chat_template,
+                         template_source=chat_template)

@@ -26,7 +26,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from infifpo_mcore import checkpointing, monitoring
 from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, save_config, validate_layout
 from infifpo_mcore.data import PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs, load_preference_dataset
-from infifpo_mcore.model import build_pivot, build_transformer_config, padded_vocab_size, use_distributed_optimizer
+from infifpo_mcore.memory import estimate_memory_per_rank, padded_vocab
+from infifpo_mcore.model import (
+    build_pivot,
+    build_transformer_config,
+    transformer_engine_available,
+    use_distributed_optimizer,
+)
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel
 from infifpo_mcore.tokenization import build_tokenizer
 from infifpo_mcore.train_step import evaluation_forward_step, scoring_forward_step, training_forward_step
@@ -44,6 +50,17 @@ class _Split:
     name: str
     dataset: PreferenceDataset
     init_scores: dict[str, torch.Tensor] | None = None
+
+
+def _from_last_stage(metrics: dict[str, float] | None) -> dict[str, float]:
+    """The last pipeline stage's metrics, on every stage of its pipeline (rank 0, which logs, sits on the first)."""
+    box = [metrics]
+    dist.broadcast_object_list(
+        box,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return box[0]
 
 
 def _differences(times: list[float]) -> list[float]:
@@ -106,9 +123,7 @@ class Trainer:
                 f"({tokenizer.vocab_size}, {cfg.tokenizer.path}): its ids would index past the embedding"
             )
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
-        self.vocab_size = padded_vocab_size(
-            vocab_size=vocab, divisible_by=cfg.model.make_vocab_size_divisible_by, tensor=ctx.tensor
-        )
+        self.vocab_size = padded_vocab(model=cfg.model, vocab_size=vocab, tensor=ctx.tensor)
         self.transformer_config = build_transformer_config(
             model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision
         )
@@ -117,6 +132,8 @@ class Trainer:
         )
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision)
+        if ctx.rank == 0:
+            logger.info("%s", self._memory_estimate().format())
         if cfg.checkpoint.save:
             self._check_checkpoint_space(Path(cfg.checkpoint.save))
         self.micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.data)
@@ -147,6 +164,16 @@ class Trainer:
                 "score the sources first (launch/score_sources.py) or use loss.type=dpo|ipo"
             )
         return dataset
+
+    def _memory_estimate(self):
+        """What each rank should need (heaviest pipeline stage), printed at start so a misfit shows before OOM."""
+        return estimate_memory_per_rank(
+            model=self.cfg.model, tensor=self.ctx.tensor, pipeline=self.ctx.pipeline, data=self.ctx.data,
+            micro_batch_size=self.cfg.train.micro_batch_size, seq_length=self.cfg.model.seq_length,
+            precision=self.precision, distributed_optimizer=use_distributed_optimizer(),
+            vocab_size=self.cfg.model.vocab_size or self.tokenizer.vocab_size,
+            fused_attention=transformer_engine_available(),
+        )
 
     def _check_checkpoint_space(self, root: Path) -> None:
         """Refuses to start when the checkpoint disk cannot hold one checkpoint: fp32 weights + Adam's two moments
@@ -251,14 +278,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss and metrics of the held-out split, every row counted once; on every rank."""
         rows = self._forward_only_rows(evaluation_forward_step(self.cfg.loss), self.eval_data)
-        metrics = {f"eval/{key}": values.float().mean().item() for key, values in rows.items()} if rows else None
-        box = [metrics]
-        dist.broadcast_object_list(
-            box,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
+        return _from_last_stage(
+            {f"eval/{key}": values.float().mean().item() for key, values in rows.items()} if rows else None
         )
-        return box[0]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -343,13 +365,7 @@ class Trainer:
             local = torch.stack([torch.stack([out[name].float() for out in outputs]).mean() for name in names])
             dist.all_reduce(local, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
             metrics = dict(zip(names, (local / self.ctx.data).tolist()))
-        box = [metrics]
-        dist.broadcast_object_list(
-            box,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
-        )
-        return box[0]
+        return _from_last_stage(metrics)
 
     def _flops_budget(self) -> tuple[float, float | None]:
         """Model FLOPs per token, and the job's peak FLOP/s where the GPU is known (no MFU on CPU)."""

@@ -2,14 +2,8 @@ import torch
 
 from infifpo_mcore.config import ModelConfig
 from infifpo_mcore.logprobs import response_positions, response_sequence_logps
-from infifpo_mcore.model import build_pivot, build_transformer_config, padded_vocab_size, set_response_positions
+from infifpo_mcore.model import build_pivot, build_transformer_config, set_response_positions
 from tests.distributed import run_distributed
-
-
-def test_padded_vocab_size_is_divisible_per_tensor_shard():
-    assert padded_vocab_size(vocab_size=32000, divisible_by=128, tensor=2) == 32000
-    assert padded_vocab_size(vocab_size=32001, divisible_by=128, tensor=2) == 32256
-    assert padded_vocab_size(vocab_size=100, divisible_by=128, tensor=1) == 128
 
 
 def _response_only_logits_equal_full_logits(ctx):

