@@ -17,10 +17,19 @@ Several nodes (run on every node; see launch/slurm/ for Slurm)::
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from infifpo_mcore.config import ConfigError, load_config
-from infifpo_mcore.trainer import train
+# Megatron-Core warns at import, on every rank, that it falls back from Apex/TE kernels; the trainer says what
+# matters (no FP8 without TE) once, itself.
+warnings.filterwarnings("ignore", message=r".*Apex (is|are) not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
+# Megatron's tensor-parallel layers order their gradient all-reduce against compute only with one CUDA work queue
+# (Megatron-LM's launch scripts set the same); harmless on CPU.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+from infifpo_mcore.config import ConfigError, load_config  # noqa: E402  (after the filters above)
+from infifpo_mcore.trainer import train  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
 
