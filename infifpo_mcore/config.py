@@ -178,7 +178,6 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     seed: int = 1234
     precision: Precision = Precision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
-    log_interval: int = 1
     eval_interval: int | None = None  # steps between evaluations of data.eval_path (None: only after the last step)
 
 
@@ -341,7 +340,7 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                 "model.rotary_base", "model.init_method_std", "parallel.tensor", "parallel.pipeline",
                 "parallel.virtual_pipeline", "train.eval_interval", "sources.chunk_rows", "sources.batch_tokens", "loss.beta",
                 "data.max_prompt_length", "train.micro_batch_size",
-                "train.global_batch_size", "train.steps", "train.lr", "train.log_interval", "checkpoint.save_interval"]
+                "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval"]
     non_negative = ["sources.num_ranks", "train.min_lr", "train.warmup_steps", "train.weight_decay",
                     "train.grad_clip", "train.seed"]
     for key in positive:
