@@ -36,12 +36,13 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from infifpo_mcore.config import InfiFPOConfig, SourceConfig
-from infifpo_mcore.data import PreferenceRow, read_preference_rows
+from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows
 from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError, build_tokenizer, resolve_path
 
 logger = logging.getLogger(__name__)
@@ -375,7 +376,9 @@ def _process_group() -> Iterator[tuple[int, int]]:
     if world == 1:
         yield 0, 1
         return
-    torch.distributed.init_process_group(backend="gloo")
+    # Ranks done with their chunks wait at a barrier for the slowest; the default timeout (30 min) would end a long
+    # scoring job after its work was done.
+    torch.distributed.init_process_group(backend="gloo", timeout=timedelta(hours=24))
     try:
         yield torch.distributed.get_rank(), world
     finally:
@@ -485,13 +488,18 @@ def _write_output(*, out: Path, rows: list[PreferenceRow], keys: list[str], data
     with staging.open("w", encoding="utf-8") as file:
         for row, key in zip(rows, keys):
             record = json.loads(lines[row.line - 1])
-            replaced += "fuse_chosen_logps" in record
+            replaced += any(field in record for field in FUSE_FIELDS)
             record.setdefault("id", row.id)
             values = [scored[source.name][key] for source in sources]
-            record["fuse_chosen_logps"] = [chosen for chosen, _, _, _ in values]
-            record["fuse_rejected_logps"] = [rejected for _, rejected, _, _ in values]
-            record["fuse_mean_chosen_logps"] = [chosen / count for chosen, _, count, _ in values]
-            record["fuse_mean_rejected_logps"] = [rejected / count for _, rejected, _, count in values]
+            # In data.FUSE_FIELDS order (chosen sums, rejected sums, chosen means, rejected means): the names the
+            # trainer's reader validates, written from one definition.
+            fused = (
+                [chosen for chosen, _, _, _ in values],
+                [rejected for _, rejected, _, _ in values],
+                [chosen / count for chosen, _, count, _ in values],
+                [rejected / count for _, rejected, _, count in values],
+            )
+            record.update(zip(FUSE_FIELDS, fused))
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
     staging.replace(out)
     if replaced:
