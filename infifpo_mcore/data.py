@@ -20,7 +20,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NotRequired, Required, TypedDict
 
@@ -53,6 +53,7 @@ class PreferenceRow:
     chosen: str
     rejected: str
     cached: dict[str, float | list[float]]
+    fields: dict = field(default_factory=dict)  # the row as read, every field: what a rewriter (the scorer) keeps
 
 
 class PreferenceExample(TypedDict):
@@ -233,7 +234,7 @@ def _parse_row(row: dict, line: int, problems: _Problems) -> PreferenceRow | Non
     if len(problems.by_line) > before:
         return None
     return PreferenceRow(id=row.get("id", line), line=line, prompt=prompt, chosen=chosen, rejected=rejected,
-                         cached=cached)
+                         cached=cached, fields=row)
 
 
 def read_preference_rows(path: str | Path) -> list[PreferenceRow]:

@@ -482,12 +482,11 @@ def _write_output(*, out: Path, rows: list[PreferenceRow], keys: list[str], data
     staging.write_text(json.dumps({"data": str(data_path), "rows": len(rows),
                                    "sources": [{"name": s.name, **s.fingerprint} for s in sources]}, indent=2))
     staging.replace(sidecar)
-    lines = data_path.read_bytes().split(b"\n")
     replaced = 0
     staging = out.with_name(out.name + ".tmp")
     with staging.open("w", encoding="utf-8") as file:
         for row, key in zip(rows, keys):
-            record = json.loads(lines[row.line - 1])
+            record = dict(row.fields)  # as parsed when the rows were validated: the file is read once
             replaced += any(field in record for field in FUSE_FIELDS)
             record.setdefault("id", row.id)
             values = [scored[source.name][key] for source in sources]
