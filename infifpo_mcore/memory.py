@@ -67,7 +67,7 @@ from infifpo_mcore.config import ModelConfig
 GIB = 1 << 30
 _ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
 # (weights, gradients, optimizer states) in bytes per parameter; see the module docstring
-_STATE_BYTES = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
+STATE_BYTES = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, 
     kept); False for Megatron's local layer spec.
     """
     precision = _precision(precision)
-    weight, gradient, optimizer = _STATE_BYTES[precision]
+    weight, gradient, optimizer = STATE_BYTES[precision]
     estimates = []
     for stage in range(pipeline):
         parameters = stage_parameters(model=model, vocab_size=vocab_size, tensor=tensor, pipeline=pipeline,

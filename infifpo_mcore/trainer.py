@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from infifpo_mcore import checkpointing, monitoring
 from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, save_config, validate_layout
 from infifpo_mcore.data import PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs, load_preference_dataset
-from infifpo_mcore.memory import estimate_memory_per_rank, padded_vocab
+from infifpo_mcore.memory import STATE_BYTES, estimate_memory_per_rank, padded_vocab
 from infifpo_mcore.model import (
     build_pivot,
     build_transformer_config,
@@ -176,13 +176,14 @@ class Trainer:
         )
 
     def _check_checkpoint_space(self, root: Path) -> None:
-        """Refuses to start when the checkpoint disk cannot hold one checkpoint: fp32 weights + Adam's two moments
-        (+ fp32 master weights in bf16), i.e. 12-16 bytes per parameter, counted over the whole model."""
+        """Refuses to start when the checkpoint disk cannot hold one checkpoint: the weights and the optimizer state
+        (Adam's moments, + fp32 master weights in bf16) per parameter as memory.STATE_BYTES counts them."""
         local = sum(p.numel() for p in self.model[0].parameters())
         total = torch.tensor([local], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(total)
         parameters = int(total.item()) // self.ctx.data  # each data-parallel replica holds the whole model
-        needed = parameters * (16 if self.precision == "bf16" else 12)
+        weight_bytes, _, optimizer_bytes = STATE_BYTES[self.precision]
+        needed = parameters * (weight_bytes + optimizer_bytes)
         existing = next(parent for parent in (root, *root.parents) if parent.exists())
         free = shutil.disk_usage(existing).free
         if free < needed:
