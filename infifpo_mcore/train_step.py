@@ -91,22 +91,22 @@ def sequence_scores(logits: Tensor, *, batch: PreferenceBatch) -> tuple[Tensor, 
     return torch.zeros((), device=logits.device), scores
 
 
-def training_forward_step(loss: LossConfig) -> Callable:
+def _forward_step_with(loss_func: Callable, **loss_kwargs) -> Callable:
+    """The schedule's ``forward_step``: run this chunk on the next micro-batch, ``loss_func`` on its last stage."""
+
     def forward_step(data_iterator: Iterator[PreferenceBatch], model: torch.nn.Module):
         batch = next(data_iterator)
-        return _run_model(model, batch), partial(preference_loss, batch=batch, loss=loss)
+        return _run_model(model, batch), partial(loss_func, batch=batch, **loss_kwargs)
 
     return forward_step
+
+
+def training_forward_step(loss: LossConfig) -> Callable:
+    return _forward_step_with(preference_loss, loss=loss)
 
 
 def evaluation_forward_step(loss: LossConfig) -> Callable:
-    def forward_step(data_iterator: Iterator[PreferenceBatch], model: torch.nn.Module):
-        batch = next(data_iterator)
-        return _run_model(model, batch), partial(evaluation_rows, batch=batch, loss=loss)
-
-    return forward_step
+    return _forward_step_with(evaluation_rows, loss=loss)
 
 
-def scoring_forward_step(data_iterator: Iterator[PreferenceBatch], model: torch.nn.Module):
-    batch = next(data_iterator)
-    return _run_model(model, batch), partial(sequence_scores, batch=batch)
+scoring_forward_step = _forward_step_with(sequence_scores)

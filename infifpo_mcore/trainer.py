@@ -122,8 +122,8 @@ class Trainer:
                 f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                 f"({tokenizer.vocab_size}, {cfg.tokenizer.path}): its ids would index past the embedding"
             )
-        vocab = cfg.model.vocab_size or tokenizer.vocab_size
-        self.vocab_size = padded_vocab(model=cfg.model, vocab_size=vocab, tensor=ctx.tensor)
+        self.unpadded_vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        self.vocab_size = padded_vocab(model=cfg.model, vocab_size=self.unpadded_vocab_size, tensor=ctx.tensor)
         self.transformer_config = build_transformer_config(
             model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision
         )
@@ -171,7 +171,7 @@ class Trainer:
             model=self.cfg.model, tensor=self.ctx.tensor, pipeline=self.ctx.pipeline, data=self.ctx.data,
             micro_batch_size=self.cfg.train.micro_batch_size, seq_length=self.cfg.model.seq_length,
             precision=self.precision, distributed_optimizer=use_distributed_optimizer(),
-            vocab_size=self.cfg.model.vocab_size or self.tokenizer.vocab_size,
+            vocab_size=self.unpadded_vocab_size,
             fused_attention=transformer_engine_available(),
         )
 
