@@ -128,7 +128,8 @@ class SourceTokenizerConfig:
 
 @dataclass
 class SourceConfig:
-    """One source model, scored offline by launch/score_sources.py (see infifpo_mcore/sources.py)."""
+    """One source model, scored offline by launch/score_sources.py or online by the source ranks (sources.num_ranks)
+    (see infifpo_mcore/sources.py and source_group.py)."""
     name: str = ""  # keys the source's entries in the score cache; unique
     path: str = ""  # a HF model directory, or pkg://package/relative/dir inside an installed package
     gguf_file: str | None = None  # a GGUF file in `path` to load (dequantised by transformers) instead of HF weights
@@ -143,6 +144,8 @@ class SourcesConfig:
     output: str | None = None  # the scored dataset launch/score_sources.py writes (or its --out)
     chunk_rows: int = 64  # rows scored between two appends to the score cache: what an interruption can lose
     batch_tokens: int = 4096  # padded tokens per source forward pass
+    # Online: how long the last stage waits for a batch's scores (the first includes loading the source models)
+    timeout_minutes: int = 30
 
 
 @dataclass
@@ -338,7 +341,8 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     positive = ["model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
                 "model.ffn_hidden_size", "model.vocab_size", "model.seq_length", "model.make_vocab_size_divisible_by",
                 "model.rotary_base", "model.init_method_std", "parallel.tensor", "parallel.pipeline",
-                "parallel.virtual_pipeline", "train.eval_interval", "sources.chunk_rows", "sources.batch_tokens", "loss.beta",
+                "parallel.virtual_pipeline", "train.eval_interval", "sources.chunk_rows", "sources.batch_tokens",
+                "sources.timeout_minutes", "loss.beta",
                 "data.max_prompt_length", "train.micro_batch_size",
                 "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval"]
     non_negative = ["sources.num_ranks", "train.min_lr", "train.warmup_steps", "train.weight_decay",
@@ -375,6 +379,11 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                         f"({cfg.model.seq_length}) to leave room for the response")
     if cfg.checkpoint.save_interval is not None and cfg.checkpoint.save is None:
         problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
+    if cfg.sources.num_ranks and not cfg.sources.models:
+        problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): no sources.models to run on those ranks")
+    if cfg.sources.num_ranks and cfg.loss.type not in (LossType.infifpo, LossType.fpo):
+        problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "
+                        "scores; use 0, or loss.type infifpo | fpo")
     names = [source.name for source in cfg.sources.models]
     for index, source in enumerate(cfg.sources.models):
         for key in ("name", "path"):

@@ -43,6 +43,7 @@ import torch
 
 from infifpo_mcore.config import InfiFPOConfig, SourceConfig
 from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows
+from infifpo_mcore.parallel import local_device
 from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError, build_tokenizer, resolve_path
 
 logger = logging.getLogger(__name__)
@@ -390,14 +391,6 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _device() -> torch.device:
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    return device
-
-
 def _check_output(*, out: Path, data_path: Path) -> None:
     if out.resolve() == data_path.resolve():
         raise SourceError(f"the output {out} is the input data.path; write the scored dataset elsewhere")
@@ -421,7 +414,7 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
     _check_output(out=out_path, data_path=data_path)
     keys = [row_key(row) for row in rows]
     cache = ScoreCache(directory=out_path.with_name(out_path.name + ".cache"))
-    device = _device()
+    device = local_device()
     with _process_group() as (rank, world), tempfile.TemporaryDirectory() as workdir:
         sources = [prepare_source(source, device=device, workdir=Path(workdir) / str(index))
                    for index, source in enumerate(cfg.sources.models)]

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ from infifpo_mcore.model import (
     transformer_engine_available,
     use_distributed_optimizer,
 )
-from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel
+from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, join_job
+from infifpo_mcore.source_group import SCORE_FIELDS, ScoreReceiver, serve_sources
 from infifpo_mcore.tokenization import build_tokenizer
 from infifpo_mcore.train_step import evaluation_forward_step, scoring_forward_step, training_forward_step
 
@@ -45,11 +47,13 @@ _FUSED_REFERENCE_LOSSES = ("infifpo", "fpo")
 
 @dataclass
 class _Split:
-    """A dataset and the pivot-init scores of its rows (None where the data caches them or no loss needs them)."""
+    """A dataset and the pivot-init scores of its rows (None where the data caches them or no loss needs them), and
+    in the online mode, on the last stage, the source scores received so far (``[rows, 4, M]``, SCORE_FIELDS order)."""
 
     name: str
     dataset: PreferenceDataset
     init_scores: dict[str, torch.Tensor] | None = None
+    source_scores: torch.Tensor | None = None
 
 
 def _from_last_stage(metrics: dict[str, float] | None) -> dict[str, float]:
@@ -111,6 +115,7 @@ class Trainer:
         self.ctx = ctx
         self.precision = resolve_precision(cfg)
         self.run_dir = Path(cfg.run_dir)
+        self.online_sources = cfg.sources.num_ranks > 0
         tokenizer = build_tokenizer(
             type=str(cfg.tokenizer.type), path=cfg.tokenizer.path, chat_template=cfg.tokenizer.chat_template
         )
@@ -145,6 +150,7 @@ class Trainer:
         if cfg.checkpoint.load:
             self._load(Path(cfg.checkpoint.load))
         self.row_order = iter(self.sampler)
+        self.score_receiver = self._start_score_stream() if self.online_sources else None
         for split in (self.train_data, self.eval_data):
             if split is not None and self._needs_init_scores(split):
                 split.init_scores = self._score_pivot_init(split)
@@ -158,12 +164,38 @@ class Trainer:
             seq_length=self.cfg.model.seq_length,
             max_prompt_length=self.cfg.data.max_prompt_length,
         )
-        if str(self.cfg.loss.type) in _FUSED_REFERENCE_LOSSES and dataset.num_sources == 0:
+        if self.online_sources and dataset.num_sources:
+            raise ConfigError(
+                f"{path} carries source scores (fuse_*) and sources.num_ranks={self.cfg.sources.num_ranks} would "
+                "score them again online; train from the cached ones with sources.num_ranks=0"
+            )
+        if str(self.cfg.loss.type) in _FUSED_REFERENCE_LOSSES and dataset.num_sources == 0 and not self.online_sources:
             raise ConfigError(
                 f"loss.type={self.cfg.loss.type} needs source scores (fuse_* fields) in {path}, which has none; "
                 "score the sources first (launch/score_sources.py) or use loss.type=dpo|ipo"
             )
         return dataset
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.cfg.sources.models) if self.online_sources else self.train_data.dataset.num_sources
+
+    def _start_score_stream(self) -> ScoreReceiver:
+        """Online mode: tell the source group where training starts; the last stage will receive the scores."""
+        receiver = ScoreReceiver(job=self.ctx.job, num_sources=self.num_sources, is_receiver=self.ctx.is_last_stage,
+                                 timeout=timedelta(minutes=self.cfg.sources.timeout_minutes))
+        receiver.start(
+            consumed=self.sampler.consumed,
+            first_step=self.step,
+            end_step=self.cfg.train.steps,
+            global_batch_size=self.cfg.train.global_batch_size,
+            eval_rows=len(self.eval_data.dataset) if self.eval_data else None,
+        )
+        if self.ctx.is_last_stage:
+            for split in (self.train_data, self.eval_data):
+                if split is not None:
+                    split.source_scores = torch.zeros((len(split.dataset), 4, self.num_sources), dtype=torch.float64)
+        return receiver
 
     def _memory_estimate(self):
         """What each rank should need (heaviest pipeline stage), printed at start so a misfit shows before OOM."""
@@ -213,10 +245,13 @@ class Trainer:
         batch = collate_pairs(
             [split.dataset[i] for i in indices], seq_length=self.cfg.model.seq_length, pad_id=self.tokenizer.pad_id
         )
+        rows = torch.as_tensor(indices)
         if split.init_scores is not None:
-            rows = torch.as_tensor(indices)
             batch["init_chosen_logps"] = split.init_scores["chosen_logps"][rows]
             batch["init_rejected_logps"] = split.init_scores["rejected_logps"][rows]
+        if split.source_scores is not None:
+            # float32 like the offline path's cached JSON numbers, so both modes give the same batch
+            batch.update(zip(SCORE_FIELDS, split.source_scores[rows].float().unbind(1)))
         return {k: v.to(self.ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _run_schedule(self, forward_step, batches: list[PreferenceBatch], *, forward_only: bool) -> list[dict]:
@@ -278,6 +313,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Loss and metrics of the held-out split, every row counted once; on every rank."""
+        if self.eval_data.source_scores is not None:
+            self.eval_data.source_scores = self.score_receiver.eval_scores()
         rows = self._forward_only_rows(evaluation_forward_step(self.cfg.loss), self.eval_data)
         return _from_last_stage(
             {f"eval/{key}": values.float().mean().item() for key, values in rows.items()} if rows else None
@@ -328,6 +365,10 @@ class Trainer:
     def _next_global_batch(self) -> tuple[list[PreferenceBatch], int]:
         """This rank's micro-batches of the next global batch, and the global batch's real (non-pad) token count."""
         mbs = self.cfg.train.micro_batch_size
+        received = self.score_receiver.next_batch(step=self.step) if self.score_receiver else None
+        if received is not None:
+            rows, scores = received
+            self.train_data.source_scores[rows] = scores
         batches, tokens = [], 0
         for _ in range(self.micro_batches):
             indices = [next(self.row_order) for _ in range(mbs)]
@@ -420,6 +461,8 @@ class Trainer:
                     throughput.restart_clock()
             if cfg.checkpoint.save:
                 checkpoint_path = self._save()
+            if self.score_receiver is not None:
+                self.score_receiver.close()  # after a failure the job ends instead; the sources see the lost link
         finally:
             progress.close()
             metrics_logger.close()
@@ -429,7 +472,7 @@ class Trainer:
             wall_seconds=time.perf_counter() - started,
             reference=monitoring.describe_reference(
                 loss_type=str(cfg.loss.type),
-                num_sources=self.train_data.dataset.num_sources,
+                num_sources=self.num_sources,
                 fusion=str(cfg.loss.fusion),
                 include_pivot_init=cfg.loss.include_pivot_init,
             ),
@@ -445,11 +488,6 @@ class Trainer:
 
 def _refuse_unimplemented(cfg: InfiFPOConfig) -> None:
     problems = []
-    if cfg.sources.num_ranks:
-        problems.append(
-            f"sources.num_ranks ({cfg.sources.num_ranks}): the online source group is not implemented yet; "
-            "use 0 with source scores cached in the data"
-        )
     if cfg.parallel.virtual_pipeline:
         # Measured: from one checkpoint, PP 2 x VPP 2 gave losses differing from PP 2 after the warm-up micro-batches.
         problems.append(
@@ -460,8 +498,8 @@ def _refuse_unimplemented(cfg: InfiFPOConfig) -> None:
         raise ConfigError(problems)
 
 
-def train(cfg: InfiFPOConfig) -> monitoring.RunSummary:
-    """Entry point used by launch/pretrain_infifpo.py: every process of the job calls it."""
+def train(cfg: InfiFPOConfig) -> monitoring.RunSummary | None:
+    """Entry point used by launch/pretrain_infifpo.py: every process of the job calls it (source ranks return None)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Before any process group exists: a clear message, not a hang.
     _refuse_unimplemented(cfg)
@@ -469,12 +507,12 @@ def train(cfg: InfiFPOConfig) -> monitoring.RunSummary:
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     if int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger("infifpo_mcore").setLevel(logging.INFO)
-    ctx = init_parallel(
-        tensor=cfg.parallel.tensor,
-        pipeline=cfg.parallel.pipeline,
-        seed=cfg.train.seed,
-    )
+    job = join_job(source_ranks=cfg.sources.num_ranks, bridge_timeout=timedelta(minutes=cfg.sources.timeout_minutes))
     try:
+        if job.is_source_rank:
+            serve_sources(cfg, job=job)
+            return None
+        ctx = init_parallel(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, seed=cfg.train.seed, job=job)
         return Trainer(cfg, ctx).fit()
     finally:
         destroy_parallel()

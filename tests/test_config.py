@@ -22,6 +22,9 @@ from infifpo_mcore.config import (
 TINY_YAML = Path(__file__).resolve().parents[1] / "launch" / "configs" / "tiny_cpu.yaml"
 
 
+ONE_SOURCE = "sources.models=[{name: a, path: /models/a}]"
+
+
 def problems_of(*, overrides: list[str], path: Path | None = None) -> str:
     with pytest.raises(ConfigError) as caught:
         load_config(path=path, overrides=overrides)
@@ -119,6 +122,8 @@ def test_dotted_keys_inside_yaml(tmp_path):
     ("parallel.tensor=0", ["parallel.tensor", "> 0"]),
     ("model.vocab_size=0", ["model.vocab_size", "> 0"]),
     ("sources.num_ranks=-1", ["sources.num_ranks", ">= 0"]),
+    ("sources.num_ranks=2", ["sources.num_ranks (2)", "no sources.models"]),
+    ("sources.timeout_minutes=0", ["sources.timeout_minutes", "> 0"]),
     ("loss.beta=0", ["loss.beta", "> 0"]),
     ("loss.beta=-0.1", ["loss.beta", "> 0"]),
     ("train.min_lr=-1e-5", ["train.min_lr", ">= 0"]),
@@ -139,6 +144,12 @@ def test_rejects_with_key_and_allowed_values(override, fragments):
     message = problems_of(overrides=[override])
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_online_sources_with_a_loss_that_uses_no_source_scores_are_refused():
+    message = problems_of(overrides=["sources.num_ranks=1", ONE_SOURCE, "loss.type=dpo"])
+    assert "sources.num_ranks (1): loss.type=dpo uses no source scores" in message
+    assert load_config(overrides=["sources.num_ranks=1", ONE_SOURCE, "loss.type=fpo"]).sources.num_ranks == 1
 
 
 def test_all_problems_are_collected_in_one_error():
@@ -184,7 +195,7 @@ def test_config_error_survives_pickling():
     (4, ["parallel.tensor=2", "parallel.pipeline=2"], 1),
     (8, ["parallel.tensor=2", "parallel.pipeline=2"], 2),
     (4, [], 4),
-    (6, ["parallel.tensor=2", "sources.num_ranks=2"], 2),
+    (6, ["parallel.tensor=2", "sources.num_ranks=2", ONE_SOURCE], 2),
     (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4"], 2),
 ])
 def test_validate_layout_returns_data_parallel_size(world_size, overrides, data_parallel):
@@ -194,8 +205,9 @@ def test_validate_layout_returns_data_parallel_size(world_size, overrides, data_
 @pytest.mark.parametrize("world_size, overrides, fragments", [
     (3, ["parallel.tensor=2", "parallel.pipeline=2"],
      ["parallel.tensor (2) x parallel.pipeline (2) = 4", "3 training"]),
-    (5, ["parallel.tensor=2", "parallel.pipeline=2", "sources.num_ranks=2"], ["sources.num_ranks 2", "3 training"]),
-    (2, ["sources.num_ranks=2"], ["sources.num_ranks (2) leaves no training ranks"]),
+    (5, ["parallel.tensor=2", "parallel.pipeline=2", "sources.num_ranks=2", ONE_SOURCE],
+     ["sources.num_ranks 2", "3 training"]),
+    (2, ["sources.num_ranks=2", ONE_SOURCE], ["sources.num_ranks (2) leaves no training ranks"]),
     (3, [], ["train.global_batch_size (8)", "train.micro_batch_size (2) x data-parallel size (3) = 6"]),
     (3, ["parallel.pipeline=3"], ["model.num_layers (2)", "parallel.pipeline (3)"]),
     (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], ["model.num_layers (2)", "virtual_pipeline (2)"]),

