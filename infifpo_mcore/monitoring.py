@@ -30,25 +30,38 @@ REQUIRED_STEP_KEYS = (
 )
 
 
+@dataclass(frozen=True)
+class WandbSettings:
+    project: str
+    run_name: str | None = None  # None: the run directory's name
+    config: Mapping[str, Any] | None = None  # the run's resolved configuration, shown with the run
+
+
 class MetricsLogger:
-    """Appends one JSON object per optimizer step to ``<run_dir>/metrics.jsonl`` and the same scalars to TensorBoard.
+    """Appends one JSON object per optimizer step to ``<run_dir>/metrics.jsonl`` and the same scalars to TensorBoard
+    (and to Weights & Biases when ``wandb`` settings are given).
 
     Each line is flushed as it is written, so a crash loses nothing already logged. Lines are strict JSON
     (non-finite values are written as ``null``) so jq, pandas and friends read the file. A resumed run appends.
     TensorBoard events go to ``<run_dir>/tensorboard``; when the ``tensorboard`` package is missing this warns once
-    and the JSONL file is still written. A disabled logger (non-zero ranks) touches no file.
+    and the JSONL file is still written. A W&B run keeps its id in ``<run_dir>/wandb_run_id``, so a resumed run
+    continues the same W&B run. A disabled logger (non-zero ranks) touches no file.
     """
 
-    def __init__(self, *, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, *, run_dir: Path, enabled: bool, tensorboard: bool = True,
+                 wandb: WandbSettings | None = None) -> None:
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._writer = None
+        self._wandb_run = None
         if not enabled:
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.metrics_path.open("a", encoding="utf-8")
         if tensorboard:
             self._writer = _open_tensorboard(Path(run_dir) / "tensorboard")
+        if wandb is not None:
+            self._wandb_run = _open_wandb(wandb, run_dir=Path(run_dir))
 
     def log(self, *, step: int, metrics: Mapping[str, float]) -> None:
         if self._file is None:
@@ -60,6 +73,8 @@ class MetricsLogger:
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(name, value, global_step=step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(values, step=step)
 
     def close(self) -> None:
         if self._file is not None:
@@ -68,12 +83,27 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _open_wandb(settings: WandbSettings, *, run_dir: Path) -> Any:
+    """A W&B run in ``run_dir`` (its files under ``run_dir/wandb``); WANDB_MODE=offline works without a network."""
+    import wandb
+
+    id_file = run_dir / "wandb_run_id"
+    run = wandb.init(project=settings.project, name=settings.run_name or run_dir.resolve().name,
+                     id=id_file.read_text().strip() if id_file.is_file() else None, resume="allow",
+                     dir=str(run_dir), config=dict(settings.config or {}))
+    id_file.write_text(run.id)
+    return run
 
 
 def _open_tensorboard(log_dir: Path) -> Any:

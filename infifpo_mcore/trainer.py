@@ -25,7 +25,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from infifpo_mcore import checkpointing, monitoring
-from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, save_config, validate_layout
+from infifpo_mcore.config import (
+    ConfigError,
+    InfiFPOConfig,
+    resolve_precision,
+    save_config,
+    to_dict,
+    validate_layout,
+)
 from infifpo_mcore.data import PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs, load_preference_dataset
 from infifpo_mcore.memory import STATE_BYTES, estimate_memory_per_rank, padded_vocab
 from infifpo_mcore.model import (
@@ -432,7 +439,11 @@ class Trainer:
         if log_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, path=self.run_dir / "config.yaml")
-        metrics_logger = monitoring.MetricsLogger(run_dir=self.run_dir, enabled=log_rank)
+        wandb = None
+        if cfg.logging.wandb_project is not None:
+            wandb = monitoring.WandbSettings(project=cfg.logging.wandb_project, run_name=cfg.logging.wandb_run_name,
+                                             config=to_dict(cfg))
+        metrics_logger = monitoring.MetricsLogger(run_dir=self.run_dir, enabled=log_rank, wandb=wandb)
         progress = monitoring.ProgressBar(total=cfg.train.steps, enabled=log_rank, initial=self.step)
         throughput = monitoring.Throughput()
         flops_per_token, peak_flops = self._flops_budget()

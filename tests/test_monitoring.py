@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import logging
 import math
@@ -8,11 +9,13 @@ import pytest
 import torch
 
 from infifpo_mcore import monitoring
+from infifpo_mcore.config import ConfigError, load_config
 from infifpo_mcore.monitoring import (
     REQUIRED_STEP_KEYS,
     MetricsLogger,
     ProgressBar,
     Throughput,
+    WandbSettings,
     describe_reference,
     format_summary,
     gpt_flops_per_token,
@@ -54,6 +57,28 @@ def test_metrics_logger_writes_one_flushed_json_line_per_step(tmp_path):
         expected = step_metrics(record["step"])
         assert {name: record[name] for name in expected} == pytest.approx(expected)
     assert logger.metrics_path == run_dir / "metrics.jsonl"
+
+
+def test_wandb_gets_the_same_scalars_and_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written to <run_dir>/wandb
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    settings = WandbSettings(project="infifpo-test", config={"loss": {"beta": 0.1}})
+    with MetricsLogger(run_dir=tmp_path, enabled=True, tensorboard=False, wandb=settings) as logger:
+        logger.log(step=1, metrics={"rewards/margins": 0.123456})
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    with MetricsLogger(run_dir=tmp_path, enabled=True, tensorboard=False, wandb=settings) as logger:
+        logger.log(step=2, metrics={"rewards/margins": 0.654321})
+    assert (tmp_path / "wandb_run_id").read_text() == run_id
+    records = b"".join(path.read_bytes() for path in (tmp_path / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
+    assert b"rewards/margins" in records and b"0.123456" in records and b"0.654321" in records
+
+
+def test_wandb_asked_for_but_not_installed_is_a_config_error(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match="logging.wandb_project: set, but wandb is not installed"):
+        load_config(overrides=["logging.wandb_project=my-project"])
 
 
 def test_metrics_logger_appends_on_resume_and_writes_strict_json(tmp_path):
