@@ -467,13 +467,16 @@ def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
     return data_parallel
 
 
-def resolve_precision(cfg: InfiFPOConfig) -> str:
-    """'fp32' or 'bf16'; precision 'auto' picks bf16 on a CUDA device with bf16 support, fp32 otherwise."""
-    if cfg.train.precision != Precision.auto:
-        return cfg.train.precision.value
+def auto_precision() -> str:
+    """What precision 'auto' means for the pivot and the sources: bf16 on a CUDA device with bf16 support, else fp32."""
     import torch  # here, not at the top: loading and checking a config should not pay for importing torch
 
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_precision(cfg: InfiFPOConfig) -> str:
+    """The pivot's precision: 'fp32' or 'bf16' (see ``auto_precision``)."""
+    return auto_precision() if cfg.train.precision == Precision.auto else cfg.train.precision.value
 
 
 def to_dict(cfg: InfiFPOConfig) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from infifpo_mcore.config import InfiFPOConfig, SourceConfig
+from infifpo_mcore.config import InfiFPOConfig, SourceConfig, auto_precision
 from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows
 from infifpo_mcore.parallel import local_device
 from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError, build_tokenizer, resolve_path
@@ -112,10 +112,10 @@ def weights_fingerprint(*, model_dir: Path, gguf_file: str | None) -> str:
 
 
 def resolve_precision(*, name: str, precision: str, device: torch.device) -> str:
-    """'fp32', 'bf16' or 'fp8'; auto is bf16 on a CUDA device with bf16 support, fp32 otherwise. fp8 needs an FP8
-    GPU and Transformer Engine: without them this raises rather than fall back, as the scores would differ."""
+    """'fp32', 'bf16' or 'fp8' (auto: ``config.auto_precision``). fp8 needs an FP8 GPU and Transformer Engine:
+    without them this raises rather than fall back, as the scores would differ."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return auto_precision() if device.type == "cuda" else "fp32"
     if precision != "fp8":
         return precision
     missing = []
@@ -338,9 +338,7 @@ class ScoreCache:
     def register(self, fingerprints: dict[str, dict[str, str]]) -> None:
         """Add the configured sources to the manifest (rank 0 only; atomic replace)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        staging = self.manifest_path.with_suffix(".tmp")
-        staging.write_text(json.dumps({**self.manifest(), **fingerprints}, indent=2))
-        staging.replace(self.manifest_path)
+        _write_atomically(self.manifest_path, json.dumps({**self.manifest(), **fingerprints}, indent=2))
 
     def load(self) -> dict[str, dict[str, RowScores]]:
         """``{source name: {row key: scores}}`` from every complete line of every part file."""
@@ -389,6 +387,13 @@ def _process_group() -> Iterator[tuple[int, int]]:
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part: written beside it, then renamed over it."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text, encoding="utf-8")
+    staging.replace(path)
 
 
 def _check_output(*, out: Path, data_path: Path) -> None:
@@ -471,29 +476,26 @@ def _write_output(*, out: Path, rows: list[PreferenceRow], keys: list[str], data
         raise SourceError(f"{len(missing)} (source, row) scores missing from the cache after scoring, e.g. "
                           f"{missing[:3]}; was a rank stopped? Run again to score them.")
     sidecar = out.with_name(out.name + ".sources.json")
-    staging = sidecar.with_name(sidecar.name + ".tmp")
-    staging.write_text(json.dumps({"data": str(data_path), "rows": len(rows),
-                                   "sources": [{"name": s.name, **s.fingerprint} for s in sources]}, indent=2))
-    staging.replace(sidecar)
+    _write_atomically(sidecar, json.dumps({"data": str(data_path), "rows": len(rows),
+                                           "sources": [{"name": s.name, **s.fingerprint} for s in sources]}, indent=2))
     replaced = 0
-    staging = out.with_name(out.name + ".tmp")
-    with staging.open("w", encoding="utf-8") as file:
-        for row, key in zip(rows, keys):
-            record = dict(row.fields)  # as parsed when the rows were validated: the file is read once
-            replaced += any(field in record for field in FUSE_FIELDS)
-            record.setdefault("id", row.id)
-            values = [scored[source.name][key] for source in sources]
-            # In data.FUSE_FIELDS order (chosen sums, rejected sums, chosen means, rejected means): the names the
-            # trainer's reader validates, written from one definition.
-            fused = (
-                [chosen for chosen, _, _, _ in values],
-                [rejected for _, rejected, _, _ in values],
-                [chosen / count for chosen, _, count, _ in values],
-                [rejected / count for _, rejected, _, count in values],
-            )
-            record.update(zip(FUSE_FIELDS, fused))
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
-    staging.replace(out)
+    lines = []
+    for row, key in zip(rows, keys):
+        record = dict(row.fields)  # as parsed when the rows were validated: the file is read once
+        replaced += any(field in record for field in FUSE_FIELDS)
+        record.setdefault("id", row.id)
+        values = [scored[source.name][key] for source in sources]
+        # In data.FUSE_FIELDS order (chosen sums, rejected sums, chosen means, rejected means): the names the
+        # trainer's reader validates, written from one definition.
+        fused = (
+            [chosen for chosen, _, _, _ in values],
+            [rejected for _, rejected, _, _ in values],
+            [chosen / count for chosen, _, count, _ in values],
+            [rejected / count for _, rejected, _, count in values],
+        )
+        record.update(zip(FUSE_FIELDS, fused))
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    _write_atomically(out, "".join(lines))
     if replaced:
         logger.warning("%d input rows already had fuse_* scores; they were replaced", replaced)
     logger.info("wrote %s: %d rows x %d source(s) (%s)", out, len(rows), len(sources),
