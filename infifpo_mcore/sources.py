@@ -258,7 +258,20 @@ class SourceScorer:
         The 2 x len(rows) sequences are sorted by length (longest first, ties in row order) and cut into batches of
         at most ``batch_tokens`` padded tokens, so the result depends only on ``rows``.
         """
-        sequences: list[tuple[list[int], int]] = []  # (prompt + response ids, response length), chosen then rejected
+        sequences = self.encode(rows)
+        order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index][0]))
+        sums = [0.0] * len(sequences)
+        lengths = [len(sequences[index][0]) for index in order]
+        for batch in length_batches(lengths=lengths, batch_tokens=self.batch_tokens):
+            indices = [order[position] for position in batch]
+            batch_sums = self._response_logps([sequences[index] for index in indices])
+            for index, value in zip(indices, batch_sums.tolist(), strict=True):
+                sums[index] = value
+        return [(sums[2 * i], sums[2 * i + 1], sequences[2 * i][1], sequences[2 * i + 1][1]) for i in range(len(rows))]
+
+    def encode(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], int]]:
+        """(prompt + response ids, response length) of each row's chosen, then rejected response, in row order."""
+        sequences: list[tuple[list[int], int]] = []
         for row in rows:
             try:
                 prompt = self.tokenizer.encode_prompt(row.prompt)
@@ -270,20 +283,19 @@ class SourceScorer:
                     raise SourceError(f"source {self.name!r}: row {row.id!r} has {len(prompt) + len(response)} "
                                       f"tokens, more than the model's max_position_embeddings {self.max_length}")
                 sequences.append((prompt + response, len(response)))
-        order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index][0]))
-        sums = [0.0] * len(sequences)
-        lengths = [len(sequences[index][0]) for index in order]
-        for batch in length_batches(lengths=lengths, batch_tokens=self.batch_tokens):
-            indices = [order[position] for position in batch]
-            batch_sums = self._response_logps([sequences[index] for index in indices])
-            for index, value in zip(indices, batch_sums.tolist(), strict=True):
-                sums[index] = value
-        return [(sums[2 * i], sums[2 * i + 1], sequences[2 * i][1], sequences[2 * i + 1][1]) for i in range(len(rows))]
+        return sequences
+
+    def _response_logps(self, sequences: list[tuple[list[int], int]]) -> torch.Tensor:
+        """[B] float64 response log-prob sums of B (ids, response length) sequences."""
+        token_logps, is_response = self.response_token_logps(sequences)
+        # where, not a product: padding positions may hold NaN (their attention rows are fully masked)
+        return torch.where(is_response, token_logps, 0.0).sum(-1).cpu()
 
     @torch.no_grad()
-    def _response_logps(self, sequences: list[tuple[list[int], int]]) -> torch.Tensor:
-        """[B] float64 response log-prob sums of B (ids, response length) sequences, left-padded into one batch so
-        that every response ends at the last position and only the last max(R) + 1 positions need logits."""
+    def response_token_logps(self, sequences: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, K-1]`` float64 per-token log-probs of B (ids, response length) sequences and the ``[B, K-1]`` mask
+        of their response tokens (K = max response length + 1). The batch is left-padded so that every response ends
+        at the last position and only the last K positions need logits."""
         length = max(len(ids) for ids, _ in sequences)
         keep = max(response for _, response in sequences) + 1
         input_ids = torch.full((len(sequences), length), self.tokenizer.pad_id, dtype=torch.int64)
@@ -301,8 +313,7 @@ class SourceScorer:
         token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         responses = torch.tensor([response for _, response in sequences], device=self.device)
         is_response = torch.arange(keep - 1, device=self.device) >= (keep - 1 - responses).unsqueeze(1)
-        # where, not a product: padding positions may hold NaN (their attention rows are fully masked)
-        return torch.where(is_response, token_logps.double(), 0.0).sum(-1).cpu()
+        return token_logps.double(), is_response
 
 
 def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: int) -> SourceScorer:
