@@ -163,12 +163,15 @@ def run_training(*, nproc: int, overrides: list[str], run_dir: Path, timeout: in
 
 
 def steady_state(metrics: list[dict], *, warmup_steps: int) -> dict[str, float]:
-    """Medians over the steps after ``warmup_steps``: step time (data + forward/backward + optimizer) and its parts,
+    """Medians over the steps after ``warmup_steps``: step time (data + forward/backward + optimizer, with its spread)
+    and its parts,
     tokens/s, MFU where the trainer reports it, and the most GPU memory in use (NVML) over all steps."""
     measured = metrics[warmup_steps:]
     if not measured:
         raise ValueError(f"no steps after the {warmup_steps} warm-up step(s): raise --steps")
-    summary = {"step_seconds": statistics.median(sum(step[key] for key in TIME_KEYS) for step in measured),
+    step_seconds = [sum(step[key] for key in TIME_KEYS) for step in measured]
+    summary = {"step_seconds": statistics.median(step_seconds),
+               "step_seconds_stdev": statistics.stdev(step_seconds) if len(step_seconds) > 1 else None,
                "tokens_per_sec": statistics.median(step["tokens_per_sec"] for step in measured),
                "measured_steps": len(measured)}
     for key in TIME_KEYS:
