@@ -206,7 +206,7 @@ def environment() -> dict:
     cuda = torch.cuda.is_available()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join(sys.orig_argv),
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
                                                             f"{os.cpu_count()} cores)",
         "gpu": cuda,

@@ -1,0 +1,66 @@
+"""Each CPU-capable benchmark runs end to end at its smallest size and writes a JSON result with its keys and finite,
+positive ratios. Nothing here asserts a speed: on CPU the figures only prove the scripts work.
+
+The three cheapest take ~50 s together on 2 cores. vs_trl and online_overlap are left out (TRL's import and set-up,
+and the online job with its source rank, take about a minute each there); run them by hand:
+``python -m benchmarks.vs_trl``, ``python -m benchmarks.online_overlap`` (their CPU proof runs are in RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(module: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{module}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--out", str(out), "--workdir",
+                             str(tmp_path / module), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == module
+    assert {"date", "command", "device", "torch", "versions", "git_commit"} <= set(report["environment"])
+    return report
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.distributed
+def test_pivot_step_measures_each_precision_and_reports_fp8_as_missing(tmp_path):
+    report = _run("pivot_step", tmp_path, "--precision", "fp32", "fp8", "--seq-length", "32", "--steps", "2",
+                  "--warmup-steps", "1")
+    measured, fp8 = report["results"]
+    assert measured["precision"] == "fp32" and measured["status"] == "measured"
+    assert fp8["precision"] == "fp8" and "not implemented" in fp8["status"]
+    for key in ("step_seconds", "tokens_per_sec", "model_tflops_per_sec", "speedup_vs_fp32"):
+        assert _positive(measured[key]), key
+
+
+@pytest.mark.distributed
+def test_infifpo_vs_dpo_gives_a_step_time_ratio(tmp_path):
+    report = _run("infifpo_vs_dpo", tmp_path, "--seq-length", "32", "--steps", "2", "--warmup-steps", "1")
+    assert [result["loss"] for result in report["results"]] == ["dpo", "infifpo"]
+    assert _positive(report["step_time_ratio_infifpo_over_dpo"])
+    assert _positive(report["forward_backward_ratio_infifpo_over_dpo"])
+
+
+def test_source_scoring_compares_precisions_per_token(tmp_path):
+    report = _run("source_scoring", tmp_path, "--rows", "2", "--prompt-words", "8", "--response-words", "8",
+                  "--repeats", "1")
+    reference, bf16 = report["results"]
+    assert reference["precision"] == "fp32" and bf16["precision"] == "bf16"
+    assert _positive(bf16["speedup_vs_fp32"]) and _positive(bf16["tokens_per_sec"])
+    assert 0 < bf16["mean_abs_delta_logp"] <= bf16["max_abs_delta_logp"] < 1.0
