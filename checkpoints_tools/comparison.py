@@ -88,3 +88,23 @@ def compare(*, reference: torch.Tensor, ours: torch.Tensor, tokens: torch.Tensor
                       max_abs_logprob_delta=logp_delta.max().item() if logp_delta.numel() else 0.0,
                       mean_abs_logprob_delta=logp_delta.mean().item() if logp_delta.numel() else 0.0,
                       tokens=int(real.sum()))
+
+
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Question: what is 17 + 25? Answer step by step.",
+]
+
+
+def prompt_sequences(*, hf_dir: Path, prompts: list[str], vocab_size: int, seed: int = 0) -> tuple[list[list[int]], str]:
+    """Token ids of `prompts` with the HF directory's tokenizer, and what produced them. A directory without a
+    tokenizer (a random-initialised test model) gets seeded random ids, one sequence per prompt, as long as its text."""
+    if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "tokenizer.model").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        return [tokenizer(prompt)["input_ids"] for prompt in prompts], f"the tokenizer of {hf_dir}"
+    generator = torch.Generator().manual_seed(seed)
+    return ([torch.randint(0, vocab_size, (max(2, len(prompt) // 4),), generator=generator).tolist()
+             for prompt in prompts], f"random token ids ({hf_dir} has no tokenizer)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,12 +23,27 @@ from infifpo_mcore.config import ConfigError, InfiFPOConfig, ParallelConfig, Tok
     validate_layout
 from infifpo_mcore.memory import padded_vocab
 from infifpo_mcore.model import build_pivot, build_transformer_config
-from infifpo_mcore.parallel import ParallelContext
+from infifpo_mcore.parallel import ParallelContext, init_parallel
 from checkpoints_tools.hf_config import ConversionError, check_unchanged, derive_pivot, llama_config_for, \
     read_hf_config
 from checkpoints_tools.weights import hf_to_megatron, megatron_to_hf, read_hf_tensors, write_hf_tensors
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def start_process_group(*, tensor: int = 1, pipeline: int = 1) -> ParallelContext:
+    """torch.distributed + Megatron state for a tool: torchrun's layout, or one process on a free local port."""
+    if "RANK" not in os.environ:  # plain python: a private port, so two tools (or a training job) never collide
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tensor * pipeline:
+        raise ConversionError(f"{world} processes for --tp {tensor} x --pp {pipeline}: start "
+                              f"--nproc_per_node {tensor * pipeline}")
+    return init_parallel(tensor=tensor, pipeline=pipeline, seed=0)
 
 
 def check_layout(*, model, tensor: int, pipeline: int) -> None:
@@ -44,14 +60,6 @@ def hf_tokenizer(hf_dir: Path) -> TokenizerConfig | None:
     """The model directory's own tokenizer (tokenizer.json + its chat template), or None when it has none."""
     path = hf_dir / "tokenizer.json"
     return TokenizerConfig(type=TokenizerType.hf, path=str(path), chat_template=None) if path.is_file() else None
-
-
-def stored_vocab_rows(directory: Path) -> int:
-    """Rows of the (padded) embedding a checkpoint stores, read from its metadata."""
-    from megatron.core import dist_checkpointing
-
-    metadata = dist_checkpointing.load_tensors_metadata(str(directory))
-    return metadata["embedding.word_embeddings.weight"].global_shape[0]
 
 
 def convert_hf_to_mcore(*, hf_dir: Path, out: Path, tensor: int, pipeline: int, ctx: ParallelContext) -> Path:
@@ -98,7 +106,8 @@ def load_pivot(*, ckpt: Path, ctx: ParallelContext, seq_length: int | None = Non
                               "the checkpoint does not say which model it holds")
     model = card.model if seq_length is None else dataclasses.replace(card.model, seq_length=seq_length)
     config = build_transformer_config(model=model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision="fp32")
-    chunks = build_pivot(model=model, config=config, vocab_size=stored_vocab_rows(directory), device=ctx.device)
+    rows = pivot_card.stored_vocab_rows(directory)
+    chunks = build_pivot(model=model, config=config, vocab_size=rows, device=ctx.device)
     checkpointing.load_checkpoint(path=directory, model_chunks=chunks)
     for chunk in chunks:
         chunk.eval()

@@ -148,4 +148,36 @@ def resolve_pivot(cfg: InfiFPOConfig, *, overrides: Sequence[str]) -> InfiFPOCon
     except CheckpointError as error:
         raise ConfigError(f"checkpoint.load: {error}") from None
     card = read_card(directory)
-    return cfg if card is None else apply_card(cfg, card=card, source=cfg.checkpoint.load, overrides=overrides)
+    if card is None:
+        return cfg
+    cfg = apply_card(cfg, card=card, source=cfg.checkpoint.load, overrides=overrides)
+    from infifpo_mcore.memory import padded_vocab
+
+    rows, tensor = stored_vocab_rows(directory), cfg.parallel.tensor
+    wanted = padded_vocab(model=cfg.model, vocab_size=cfg.model.vocab_size, tensor=tensor)
+    if rows != wanted:
+        raise ConfigError(
+            f"parallel.tensor={tensor}: the pivot pads model.vocab_size {cfg.model.vocab_size} to {wanted} rows "
+            f"(a multiple of model.make_vocab_size_divisible_by {cfg.model.make_vocab_size_divisible_by} x {tensor}) "
+            f"but checkpoint.load={cfg.checkpoint.load} stores {rows}; load it at a tensor size that pads alike")
+    return cfg
+
+
+def stored_vocab_rows(directory: Path) -> int:
+    """Rows of the (padded) embedding a checkpoint stores, from its metadata."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+    return metadata["embedding.word_embeddings.weight"].global_shape[0]
+
+
+def card_for_run(cfg: InfiFPOConfig, *, vocab_size: int) -> PivotCard:
+    """The card a run writes with its checkpoints: its model (with the vocabulary it actually built), tokenizer,
+    and the HF config of the checkpoint it started from, if any (so an export writes the original config.json)."""
+    start = None
+    if cfg.checkpoint.load:
+        from infifpo_mcore.checkpointing import resolve_checkpoint
+
+        start = read_card(resolve_checkpoint(Path(cfg.checkpoint.load)))
+    return build_card(model=dataclasses.replace(cfg.model, vocab_size=vocab_size), tokenizer=cfg.tokenizer,
+                      hf_config=start.hf_config if start else None)

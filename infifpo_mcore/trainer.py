@@ -23,7 +23,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from infifpo_mcore import checkpointing, monitoring
+from infifpo_mcore import checkpointing, monitoring, pivot_card
 from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, save_config, validate_layout
 from infifpo_mcore.data import PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs, load_preference_dataset
 from infifpo_mcore.memory import STATE_BYTES, estimate_memory_per_rank, padded_vocab
@@ -124,6 +124,7 @@ class Trainer:
             )
         self.unpadded_vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
         self.vocab_size = padded_vocab(model=cfg.model, vocab_size=self.unpadded_vocab_size, tensor=ctx.tensor)
+        self.card = pivot_card.card_for_run(cfg, vocab_size=self.unpadded_vocab_size)  # saved with checkpoints
         self.transformer_config = build_transformer_config(
             model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision
         )
@@ -321,6 +322,7 @@ class Trainer:
                 "has_optimizer": True,
             },
             init_scores=init_scores if writes_scores else None,
+            write_extra=lambda directory: pivot_card.write_card(self.card, directory=directory),
         )
 
     # ----------------------------------------------------------------------------------------------------------------

