@@ -14,18 +14,20 @@ import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from infifpo_mcore import checkpointing, pivot_card
-from infifpo_mcore.config import ConfigError, InfiFPOConfig, ParallelConfig, TokenizerConfig, TokenizerType, \
-    validate_layout
+from infifpo_mcore.config import (ConfigError, InfiFPOConfig, ModelConfig, ParallelConfig, TokenizerConfig,
+                                  TokenizerType, validate_layout)
 from infifpo_mcore.memory import padded_vocab
 from infifpo_mcore.model import build_pivot, build_transformer_config
 from infifpo_mcore.parallel import ParallelContext, init_parallel
-from checkpoints_tools.hf_config import ConversionError, check_unchanged, derive_pivot, llama_config_for, \
-    read_hf_config
+from checkpoints_tools.families import Family
+from checkpoints_tools.hf_config import (ConversionError, check_unchanged, derive_pivot, llama_config_for,
+                                        read_hf_config)
 from checkpoints_tools.weights import hf_to_megatron, megatron_to_hf, read_hf_tensors, write_hf_tensors
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,26 +64,41 @@ def hf_tokenizer(hf_dir: Path) -> TokenizerConfig | None:
     return TokenizerConfig(type=TokenizerType.hf, path=str(path), chat_template=None) if path.is_file() else None
 
 
-def convert_hf_to_mcore(*, hf_dir: Path, out: Path, tensor: int, pipeline: int, ctx: ParallelContext) -> Path:
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What a HF directory converts into, decided (or refused) before any process group or weight is touched."""
+
+    hf_dir: Path
+    hf_config: dict
+    family: Family
+    model: ModelConfig
+    vocab_rows: int  # the padded vocabulary the checkpoint stores
+
+
+def plan_conversion(*, hf_dir: Path, tensor: int, pipeline: int) -> ConversionPlan:
+    hf_config = read_hf_config(hf_dir)
+    family, model = derive_pivot(hf_config=hf_config, source=str(hf_dir / "config.json"))
+    check_layout(model=model, tensor=tensor, pipeline=pipeline)
+    rows = padded_vocab(model=model, vocab_size=model.vocab_size, tensor=tensor)
+    return ConversionPlan(hf_dir=hf_dir, hf_config=hf_config, family=family, model=model, vocab_rows=rows)
+
+
+def convert_hf_to_mcore(*, plan: ConversionPlan, out: Path, ctx: ParallelContext) -> Path:
     """Writes ``out/iter_0000000`` (+ ``latest``): the model, its pivot card and the tokenizer files."""
     if ctx.world_size != 1:
         raise ConversionError("conversion runs as one process (dist_checkpointing reshards at load); "
                               "run it with python, not torchrun")
-    source = hf_dir / "config.json"
-    hf_config = read_hf_config(hf_dir)
-    family, model = derive_pivot(hf_config=hf_config, source=str(source))
-    check_layout(model=model, tensor=tensor, pipeline=pipeline)
-    rows = padded_vocab(model=model, vocab_size=model.vocab_size, tensor=tensor)
-    state, origin = hf_to_megatron(hf=read_hf_tensors(hf_dir), family=family, model=model, padded_vocab=rows,
-                                   source=str(hf_dir))
+    hf_dir, model = plan.hf_dir, plan.model
+    state, origin = hf_to_megatron(hf=read_hf_tensors(hf_dir), family=plan.family, model=model,
+                                   padded_vocab=plan.vocab_rows, source=str(hf_dir))
     config = build_transformer_config(model=model, tensor=1, pipeline=1, precision="fp32")
-    chunks = build_pivot(model=model, config=config, vocab_size=rows, device=ctx.device)
+    chunks = build_pivot(model=model, config=config, vocab_size=plan.vocab_rows, device=ctx.device)
     _load_full_state(chunks[0].module, state, origin=origin, source=str(hf_dir))
     tokenizer = hf_tokenizer(hf_dir)
     if tokenizer is None:
         print(f"note: {hf_dir} has no tokenizer.json: the checkpoint carries no tokenizer (training from it then "
               "takes tokenizer.* from its config)")
-    card = pivot_card.build_card(model=model, tokenizer=tokenizer, hf_config=hf_config)
+    card = pivot_card.build_card(model=model, tokenizer=tokenizer, hf_config=plan.hf_config)
     return checkpointing.save_checkpoint(root=out, step=0, model_chunks=chunks, optimizer=None, train_state=None,
                                          init_scores=None, write_extra=lambda d: pivot_card.write_card(card, directory=d))
 

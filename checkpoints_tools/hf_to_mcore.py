@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not in
 
 from infifpo_mcore.config import ConfigError  # noqa: E402  (after the filter above)
 from infifpo_mcore.parallel import destroy_parallel  # noqa: E402
-from checkpoints_tools.conversion import convert_hf_to_mcore, start_process_group  # noqa: E402
+from checkpoints_tools.conversion import convert_hf_to_mcore, plan_conversion, start_process_group  # noqa: E402
 from checkpoints_tools.hf_config import ConversionError  # noqa: E402
 
 
@@ -30,9 +30,10 @@ def main() -> int:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to train at (default 1)")
     args = parser.parse_args()
     try:
+        plan = plan_conversion(hf_dir=args.hf, tensor=args.tp, pipeline=args.pp)  # refusals come before any work
         ctx = start_process_group()
         try:
-            path = convert_hf_to_mcore(hf_dir=args.hf, out=args.out, tensor=args.tp, pipeline=args.pp, ctx=ctx)
+            path = convert_hf_to_mcore(plan=plan, out=args.out, ctx=ctx)
         finally:
             destroy_parallel()
     except (ConversionError, ConfigError) as error:

@@ -23,6 +23,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ def _overridden_keys(overrides: Sequence[str]) -> list[str]:
     return keys
 
 
+def _shown(value: Any) -> str:
+    return repr(value.value if isinstance(value, Enum) else value)
+
+
 def apply_card(cfg: InfiFPOConfig, *, card: PivotCard, source: str, overrides: Sequence[str]) -> InfiFPOConfig:
     """`cfg` with the card's model and tokenizer, by the precedence rule of this module's docstring."""
     overridden = _overridden_keys(overrides)
@@ -124,8 +129,8 @@ def apply_card(cfg: InfiFPOConfig, *, card: PivotCard, source: str, overrides: S
             continue
         given, saved = attrgetter(key)(cfg), attrgetter(key)(card)
         if given != saved:
-            problems.append(f"{key}={given!r} (from the command line) contradicts checkpoint.load={source}, whose "
-                            f"weights have {key}={saved!r}; drop the override")
+            problems.append(f"{key}={_shown(given)} (from the command line) contradicts checkpoint.load={source}, "
+                            f"whose weights have {key}={_shown(saved)}; drop the override")
     if problems:
         raise ConfigError(problems)
     tokenizer = cfg.tokenizer

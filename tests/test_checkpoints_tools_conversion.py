@@ -48,11 +48,12 @@ def _compare_all(ctx, *, root: str, layout: str) -> None:
 
 
 def _convert_export_compare(ctx, *, root: str) -> None:
-    from checkpoints_tools.conversion import convert_hf_to_mcore, export_mcore_to_hf
+    from checkpoints_tools.conversion import convert_hf_to_mcore, export_mcore_to_hf, plan_conversion
 
     for name in NAMES:
         family_dir = Path(root) / name
-        convert_hf_to_mcore(hf_dir=family_dir / "hf", out=family_dir / "ckpt", tensor=2, pipeline=2, ctx=ctx)
+        plan = plan_conversion(hf_dir=family_dir / "hf", tensor=2, pipeline=2)
+        convert_hf_to_mcore(plan=plan, out=family_dir / "ckpt", ctx=ctx)
         export_mcore_to_hf(ckpt=family_dir / "ckpt", out=family_dir / "back", ctx=ctx,
                            max_shard_bytes=100_000 if name == SHARDED else 2**30)
     _compare_all(ctx, root=root, layout="tp1")
