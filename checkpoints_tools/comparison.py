@@ -43,7 +43,8 @@ def padded_batch(sequences: list[list[int]], *, pad_id: int = 0) -> tuple[torch.
     return tokens, torch.tensor([len(ids) for ids in sequences])
 
 
-def megatron_logits(model_chunks, *, tokens: torch.Tensor, vocab_size: int, ctx: ParallelContext) -> torch.Tensor | None:
+def megatron_logits(model_chunks, *, tokens: torch.Tensor, vocab_size: int,
+                    ctx: ParallelContext) -> torch.Tensor | None:
     """Full logits [B, S, vocab_size] on the last pipeline stage (every TP rank), None on the other stages."""
     batch, length = tokens.shape
     positions = torch.arange(length).expand(batch, length)
@@ -97,7 +98,8 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def prompt_sequences(*, hf_dir: Path, prompts: list[str], vocab_size: int, seed: int = 0) -> tuple[list[list[int]], str]:
+def prompt_sequences(*, hf_dir: Path, prompts: list[str], vocab_size: int,
+                     seed: int = 0) -> tuple[list[list[int]], str]:
     """Token ids of `prompts` with the HF directory's tokenizer, and what produced them. A directory without a
     tokenizer (a random-initialised test model) gets seeded random ids, one sequence per prompt, as long as its text."""
     if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "tokenizer.model").is_file():

@@ -3,14 +3,14 @@
 Conversion runs in one process at TP 1 / PP 1: the whole model is built once, filled with the mapped tensors and
 saved with ``dist_checkpointing``, which stores every tensor whole with its sharding recipe, so the trainer (or
 ``verify.py``) loads the checkpoint at any TP / PP. The requested TP / PP are checked at conversion time against
-heads, query groups, FFN width, layers and vocabulary, so a layout that cannot work is refused before any training.
+heads, query groups, FFN width and layers (a layout that cannot work is refused before any training) and the
+vocabulary is padded for that TP.
 Export loads a checkpoint saved at any layout the same way, at TP 1 / PP 1. Callers initialise the process group
 (``init_parallel``); the scripts beside this module do.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -48,7 +48,7 @@ def start_process_group(*, tensor: int = 1, pipeline: int = 1) -> ParallelContex
     return init_parallel(tensor=tensor, pipeline=pipeline, seed=0)
 
 
-def check_layout(*, model, tensor: int, pipeline: int) -> None:
+def check_layout(*, model: ModelConfig, tensor: int, pipeline: int) -> None:
     """Refuses a TP / PP layout the pivot cannot be split into (the trainer's own launch checks)."""
     cfg = InfiFPOConfig(model=model, parallel=ParallelConfig(tensor=tensor, pipeline=pipeline))
     try:
@@ -99,8 +99,9 @@ def convert_hf_to_mcore(*, plan: ConversionPlan, out: Path, ctx: ParallelContext
         print(f"note: {hf_dir} has no tokenizer.json: the checkpoint carries no tokenizer (training from it then "
               "takes tokenizer.* from its config)")
     card = pivot_card.build_card(model=model, tokenizer=tokenizer, hf_config=plan.hf_config)
-    return checkpointing.save_checkpoint(root=out, step=0, model_chunks=chunks, optimizer=None, train_state=None,
-                                         init_scores=None, write_extra=lambda d: pivot_card.write_card(card, directory=d))
+    return checkpointing.save_checkpoint(
+        root=out, step=0, model_chunks=chunks, optimizer=None, train_state=None, init_scores=None,
+        write_extra=lambda directory: pivot_card.write_card(card, directory=directory))
 
 
 def _load_full_state(gpt: torch.nn.Module, state: dict[str, torch.Tensor], *, origin: dict[str, str],
@@ -114,17 +115,16 @@ def _load_full_state(gpt: torch.nn.Module, state: dict[str, torch.Tensor], *, or
     gpt.load_state_dict(state, strict=False)
 
 
-def load_pivot(*, ckpt: Path, ctx: ParallelContext, seq_length: int | None = None):
+def load_pivot(*, ckpt: Path, ctx: ParallelContext):
     """(model chunks, card, iteration directory): the checkpoint's pivot at this process layout, weights loaded."""
     directory = checkpointing.resolve_checkpoint(ckpt)
     card = pivot_card.read_card(directory)
     if card is None:
         raise ConversionError(f"{directory}: no {pivot_card.CARD_FILE} (written by hf_to_mcore.py and by the trainer): "
                               "the checkpoint does not say which model it holds")
-    model = card.model if seq_length is None else dataclasses.replace(card.model, seq_length=seq_length)
-    config = build_transformer_config(model=model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision="fp32")
+    config = build_transformer_config(model=card.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision="fp32")
     rows = pivot_card.stored_vocab_rows(directory)
-    chunks = build_pivot(model=model, config=config, vocab_size=rows, device=ctx.device)
+    chunks = build_pivot(model=card.model, config=config, vocab_size=rows, device=ctx.device)
     checkpointing.load_checkpoint(path=directory, model_chunks=chunks)
     for chunk in chunks:
         chunk.eval()

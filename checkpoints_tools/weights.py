@@ -44,7 +44,8 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
         files = [SINGLE_FILE]
     else:
         other = sorted(path.name for path in hf_dir.glob("*.bin")) + sorted(path.name for path in hf_dir.glob("*.gguf"))
-        hint = f" (found {', '.join(other)}: load it with transformers and save_pretrained it as safetensors)" if other else ""
+        hint = (f" (found {', '.join(other)}: load it with transformers and save_pretrained it as safetensors)"
+                if other else "")
         raise ConversionError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:

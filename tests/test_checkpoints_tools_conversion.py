@@ -57,6 +57,33 @@ def _convert_export_compare(ctx, *, root: str) -> None:
         export_mcore_to_hf(ckpt=family_dir / "ckpt", out=family_dir / "back", ctx=ctx,
                            max_shard_bytes=100_000 if name == SHARDED else 2**30)
     _compare_all(ctx, root=root, layout="tp1")
+    _export_a_pivot_made_here(ctx, root=Path(root))
+
+
+def _export_a_pivot_made_here(ctx, *, root: Path) -> None:
+    """A freshly initialised pivot (no HF origin: the card has no hf_config) saved as the trainer saves it, exported
+    with a generated Llama config.json, against which HF's logits are compared."""
+    from checkpoints_tools.comparison import compare, hf_logits, megatron_logits
+    from checkpoints_tools.conversion import export_mcore_to_hf
+    from infifpo_mcore import checkpointing, pivot_card
+    from infifpo_mcore.config import ModelConfig, TokenizerConfig
+    from infifpo_mcore.model import build_pivot, build_transformer_config
+
+    model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                        vocab_size=250, rotary_base=5000.0, norm_epsilon=1e-6, tie_embeddings=False)
+    config = build_transformer_config(model=model, tensor=1, pipeline=1, precision="fp32")
+    chunks = build_pivot(model=model, config=config, vocab_size=256, device=ctx.device)
+    card = pivot_card.build_card(model=model, tokenizer=TokenizerConfig(), hf_config=None)  # the pkg:// default
+    checkpointing.save_checkpoint(root=root / "native" / "ckpt", step=3, model_chunks=chunks, optimizer=None,
+                                  train_state=None, init_scores=None,
+                                  write_extra=lambda directory: pivot_card.write_card(card, directory=directory))
+    files = export_mcore_to_hf(ckpt=root / "native" / "ckpt", out=root / "native" / "hf", ctx=ctx)
+    assert files == ["config.json", "model.safetensors"], files  # a pkg:// tokenizer is not copied
+    tokens, lengths = _tokens(250)
+    ours = megatron_logits(chunks, tokens=tokens, vocab_size=250, ctx=ctx)
+    result = compare(reference=hf_logits(root / "native" / "hf", tokens=tokens), ours=ours, tokens=tokens,
+                     lengths=lengths)
+    (root / "native" / "tp1.json").write_text(json.dumps(asdict(result)))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +139,13 @@ def test_a_sharded_export_loads_in_transformers_unmodified(converted):
         logits = [AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
                   for path in (converted / SHARDED / "hf", back)]
     assert torch.equal(logits[0], logits[1])
+
+
+def test_a_pivot_made_here_exports_as_a_llama_that_transformers_computes_alike(converted):
+    result = json.loads((converted / "native" / "tp1.json").read_text())
+    assert result["max_abs_logit_delta"] < 1e-4, result
+    config = json.loads((converted / "native" / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 250  # 256 rows sliced
 
 
 def test_the_checkpoint_carries_the_derived_model_config(converted):
