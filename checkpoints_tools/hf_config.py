@@ -33,6 +33,7 @@ GEMMA3_UNSUPPORTED = [
 # Also Gemma-3, expressible in Megatron-Core but not wired into the pivot's config: listed so the gap is complete.
 GEMMA3_ALSO_NEEDED = ["head_dim != hidden_size / num_attention_heads", "attention scale 1/sqrt(query_pre_attn_scalar)",
                       "GeGLU with tanh-approximated gelu", "RMSNorm on queries and keys", "RMSNorm weights as (1 + w)"]
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _REFUSED_TYPES = {"gemma3_text": "Gemma-3", "gemma3": "Gemma-3"}
 # Every config.json key that changes the computation and has a neutral value the pivot equals: (key, neutral values).
 _NEUTRAL = [
@@ -115,6 +116,9 @@ def derive_pivot(*, hf_config: dict[str, Any], source: str) -> tuple[Family, Mod
     if architectures != [family.architecture]:
         raise ConversionError(f"{source}: architectures {architectures} is not supported; for model_type "
                               f"{model_type!r} only {family.architecture} (a causal LM head) converts")
+    missing = [key for key in _REQUIRED if key not in hf_config]
+    if missing:  # transformers would fill in its class defaults: shapes must come from the file
+        raise ConversionError(f"{source}: missing field(s) {', '.join(missing)}")
     config = _hf_config_object(hf_config, source)
     problems = []
     for key, neutral in _NEUTRAL:

@@ -87,6 +87,8 @@ def test_the_stable_vocab_multiple_pads_alike_at_every_tensor_size_up_to_8():
     (SMOLLM2_135M | dict(hidden_act="gelu"), ["hidden_act='gelu'"]),
     (SMOLLM2_135M | dict(head_dim=128), ["head_dim=128", "hidden_size / num_attention_heads = 64"]),
     (SMOLLM2_135M | dict(final_logit_softcapping=30.0), ["final_logit_softcapping=30.0"]),
+    ({key: value for key, value in SMOLLM2_135M.items() if key != "intermediate_size"},
+     ["missing field(s) intermediate_size"]),
     (SMOLLM2_135M | dict(model_type="gpt2"), ["model_type 'gpt2' is not supported", "phi3 (Phi3ForCausalLM)"]),
     (SMOLLM2_135M | dict(architectures=["LlamaForSequenceClassification"]),
      ["architectures ['LlamaForSequenceClassification'] is not supported"]),
