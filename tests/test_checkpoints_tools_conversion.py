@@ -158,3 +158,18 @@ def test_the_checkpoint_carries_the_derived_model_config(converted):
     mistral = read_card(converted / "mistral" / "ckpt" / "iter_0000000").model
     assert mistral.max_position_embeddings == 64  # its sliding window, not max_position_embeddings (256)
     assert read_card(converted / "llama_tied" / "ckpt" / "iter_0000000").model.make_vocab_size_divisible_by == 128
+
+
+def test_a_tensor_size_that_pads_the_vocabulary_differently_is_refused_at_launch(converted):
+    """llama_tied's 300 tokens were padded for --tp 2 to 512 rows; TP 1 would pad them to 384."""
+    from infifpo_mcore.config import ConfigError, load_config
+    from infifpo_mcore.pivot_card import resolve_pivot
+
+    ckpt = converted / "llama_tied" / "ckpt"
+    for tensor in (2, 4):  # 512 rows at both
+        overrides = [f"checkpoint.load={ckpt}", f"parallel.tensor={tensor}"]
+        assert resolve_pivot(load_config(overrides=overrides), overrides=overrides).model.vocab_size == 300
+    overrides = [f"checkpoint.load={ckpt}", "parallel.tensor=1"]
+    with pytest.raises(ConfigError, match=r"parallel.tensor=1: the pivot pads model.vocab_size 300 to 384 rows .* "
+                                          r"stores 512; load it at a tensor size that pads alike"):
+        resolve_pivot(load_config(overrides=overrides), overrides=overrides)
