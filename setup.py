@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="InfiFPO preference-optimisation fusion trainer on Megatron-Core (TP x PP x DP)",
     python_requires=">=3.11",
-    packages=find_packages(include=["infifpo_mcore", "infifpo_mcore.*"]),
+    # checkpoints_tools: the HF <-> Megatron converters, run as scripts (python checkpoints_tools/hf_to_mcore.py)
+    packages=find_packages(include=["infifpo_mcore", "infifpo_mcore.*", "checkpoints_tools"]),
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1",

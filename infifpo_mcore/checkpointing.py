@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,9 +55,14 @@ def _model_sharded_state_dict(model_chunks) -> dict:
 
 
 def save_checkpoint(
-    *, root: Path, step: int, model_chunks, optimizer, train_state: dict, init_scores: dict[str, torch.Tensor] | None
+    *, root: Path, step: int, model_chunks, optimizer, train_state: dict | None,
+    init_scores: dict[str, torch.Tensor] | None, write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective: every training rank calls it. Returns the published iteration directory."""
+    """Collective: every training rank calls it. Returns the published iteration directory.
+
+    ``optimizer`` and ``train_state`` None save the model alone (a converted model); ``write_extra(directory)`` runs
+    on rank 0 before the directory is published (the pivot card).
+    """
     final = iteration_dir(root, step)
     staging = final.with_name(final.name + ".tmp")
     rank = dist.get_rank()
@@ -65,10 +71,13 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     dist.barrier()
     state = _model_sharded_state_dict(model_chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(staging))
-    if rank == 0:
+    if rank == 0 and train_state is not None:
         (staging / TRAIN_STATE).write_text(json.dumps(train_state, indent=1, sort_keys=True))
+    if rank == 0 and write_extra is not None:
+        write_extra(staging)
     if init_scores is not None:
         from safetensors.torch import save_file
 

@@ -102,6 +102,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
+    add_qkv_bias: bool = False  # a bias on the query/key/value projection only (Qwen2)
+    norm_epsilon: float = 1e-5
+    # The longest sequence the weights handle exactly (a converted model's position limit, lowered to its sliding
+    # window when that is shorter); None: no limit known. model.seq_length must not exceed it.
+    max_position_embeddings: int | None = None
 
 
 @dataclass
@@ -349,9 +354,9 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
 
     positive = ["model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
                 "model.ffn_hidden_size", "model.vocab_size", "model.seq_length", "model.make_vocab_size_divisible_by",
-                "model.rotary_base", "model.init_method_std", "parallel.tensor", "parallel.pipeline",
-                "parallel.virtual_pipeline", "train.eval_interval", "sources.chunk_rows", "sources.batch_tokens",
-                "sources.timeout_minutes", "loss.beta",
+                "model.rotary_base", "model.init_method_std", "model.norm_epsilon", "model.max_position_embeddings",
+                "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "train.eval_interval",
+                "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta",
                 "data.max_prompt_length", "train.micro_batch_size",
                 "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval"]
     non_negative = ["sources.num_ranks", "train.min_lr", "train.warmup_steps", "train.weight_decay",
@@ -459,6 +464,9 @@ def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
         per_stage = f" x parallel.virtual_pipeline ({virtual})" if virtual else ""
         problems.append(f"model.num_layers ({model.num_layers}) must be divisible by "
                         f"parallel.pipeline ({pipeline}){per_stage}")
+    if model.max_position_embeddings is not None and model.seq_length > model.max_position_embeddings:
+        problems.append(f"model.seq_length ({model.seq_length}) exceeds the model's position limit "
+                        f"model.max_position_embeddings ({model.max_position_embeddings})")
     for key in ["num_attention_heads", "num_query_groups", "ffn_hidden_size"]:
         if getattr(model, key) % tensor:
             problems.append(f"model.{key} ({getattr(model, key)}) must be divisible by parallel.tensor ({tensor})")

@@ -24,7 +24,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from infifpo_mcore import checkpointing, monitoring
+from infifpo_mcore import checkpointing, monitoring, pivot_card
 from infifpo_mcore.config import (
     ConfigError,
     InfiFPOConfig,
@@ -136,6 +136,7 @@ class Trainer:
             )
         self.unpadded_vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
         self.vocab_size = padded_vocab(model=cfg.model, vocab_size=self.unpadded_vocab_size, tensor=ctx.tensor)
+        self.card = pivot_card.card_for_run(cfg, vocab_size=self.unpadded_vocab_size)  # saved with checkpoints
         self.transformer_config = build_transformer_config(
             model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision
         )
@@ -365,6 +366,7 @@ class Trainer:
                 "has_optimizer": True,
             },
             init_scores=init_scores if writes_scores else None,
+            write_extra=lambda directory: pivot_card.write_card(self.card, directory=directory),
         )
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 from infifpo_mcore.config import ConfigError, load_config  # noqa: E402  (after the filters above)
+from infifpo_mcore.pivot_card import resolve_pivot  # noqa: E402
 from infifpo_mcore.trainer import train  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
@@ -40,7 +41,8 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 loss.type=dpo")
     args = parser.parse_args()
     try:
-        train(load_config(path=args.config, overrides=args.overrides))
+        # With checkpoint.load, the checkpoint's model and tokenizer apply (precedence: infifpo_mcore/pivot_card.py).
+        train(resolve_pivot(load_config(path=args.config, overrides=args.overrides), overrides=args.overrides))
     except ConfigError as error:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
             print(f"config error: {error}", file=sys.stderr)

