@@ -210,17 +210,26 @@ def _weights_only_load(source, where: str) -> None:
                               f"{str(error).splitlines()[0]}") from None
 
 
-def _check_shapes(directory: Path, metadata, template: dict) -> None:
-    """Every model tensor is in the checkpoint with the model's global shape, else the checkpoint is refused."""
+def _check_shapes(directory: Path, metadata, template: dict, *, vocab_size: int | None) -> None:
+    """Every model tensor is in the checkpoint with the model's global shape, else the checkpoint is refused.
+
+    Vocabulary-sized tensors (Megatron marks them ``allow_shape_mismatch``) may differ in their padding, which
+    depends on TP: their first dimension must only hold the ``vocab_size`` rows this run's tokenizer needs."""
     stored = metadata.state_dict_metadata
-    expected = {tensor.key: tuple(tensor.global_shape) for tensor in nested_values(template["model"])
+    expected = {tensor.key: tensor for tensor in nested_values(template["model"])
                 if isinstance(tensor, ShardedTensor)}  # one key per stack of layers
     problems = []
-    for key, shape in expected.items():
+    for key, tensor in expected.items():
+        shape = tuple(tensor.global_shape)
         if key not in stored:
             problems.append(f"{key}: missing from the checkpoint")
-        elif tuple(stored[key].size) != shape:
-            problems.append(f"{key}: shape {tuple(stored[key].size)} in the checkpoint, {shape} in this model")
+            continue
+        saved = tuple(stored[key].size)
+        padded_vocab = tensor.allow_shape_mismatch and vocab_size is not None and len(saved) == len(shape)
+        if padded_vocab and saved[1:] == shape[1:] and saved[0] >= vocab_size:
+            continue
+        if saved != shape:
+            problems.append(f"{key}: shape {saved} in the checkpoint, {shape} in this model")
     if problems:
         raise CheckpointError(
             f"{directory} does not fit this model ({len(problems)} tensor(s)); it was saved from another model shape "
@@ -278,9 +287,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(*, path: Path, model_chunks, optimizer=None) -> dict:
+def load_checkpoint(*, path: Path, model_chunks, optimizer=None, vocab_size: int | None = None) -> dict:
     """Loads the model (and the optimizer and this rank's RNG states when given and present) into this layout;
-    returns the train state.
+    returns the train state. ``vocab_size``: the unpadded vocabulary, which lets the vocabulary padding differ.
 
     A model-only checkpoint (e.g. converted from HF) returns ``{}``: training starts at step 0 from those weights.
     """
@@ -289,7 +298,7 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None) -> dict:
     state_file = directory / TRAIN_STATE
     train_state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     template = _model_sharded_state_dict(model_chunks)
-    _check_shapes(directory, metadata, template)
+    _check_shapes(directory, metadata, template, vocab_size=vocab_size)
     with_optimizer = optimizer is not None and train_state.get("has_optimizer", False)
     if with_optimizer:
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True, metadata=OPTIMIZER_METADATA)

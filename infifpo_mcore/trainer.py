@@ -323,7 +323,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
     # Checkpoints
     def _load(self, path: Path) -> None:
-        state = checkpointing.load_checkpoint(path=path, model_chunks=self.model, optimizer=self.optimizer)
+        state = checkpointing.load_checkpoint(path=path, model_chunks=self.model, optimizer=self.optimizer,
+                                              vocab_size=self.unpadded_vocab_size)
         if state:
             self.step = state["step"]
             self.sampler.load_state_dict(state["sampler"])

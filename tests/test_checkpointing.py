@@ -66,3 +66,26 @@ def test_keep_last_prunes_older_published_checkpoints_only(tmp_path):
 ])
 def test_the_metadata_allow_list(module, name, allowed):
     assert _allowed_global(module, name) is allowed
+
+
+def test_shapes_must_match_except_the_vocabulary_padding(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from infifpo_mcore.checkpointing import _check_shapes
+
+    def stored(**shapes):
+        return SimpleNamespace(state_dict_metadata={key: SimpleNamespace(size=torch.Size(shape))
+                                                    for key, shape in shapes.items()})
+
+    embedding = ShardedTensor.from_rank_offsets("embedding", torch.zeros(32256, 8))
+    embedding.allow_shape_mismatch = True  # as Megatron marks vocabulary-sized tensors
+    template = {"model": {"embedding": embedding, "norm": ShardedTensor.from_rank_offsets("norm", torch.zeros(8))}}
+    _check_shapes(tmp_path, stored(embedding=(32000, 8), norm=(8,)), template, vocab_size=32000)  # other padding
+    with pytest.raises(CheckpointError, match=r"embedding: shape \(31000, 8\) in the checkpoint, \(32256, 8\)"):
+        _check_shapes(tmp_path, stored(embedding=(31000, 8), norm=(8,)), template, vocab_size=32000)
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(2 tensor\(s\)\)(.|\n)*"
+                                              r"embedding: shape \(32000, 16\)(.|\n)*norm: missing"):
+        _check_shapes(tmp_path, stored(embedding=(32000, 16)), template, vocab_size=32000)
