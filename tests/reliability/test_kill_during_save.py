@@ -33,9 +33,9 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_the_restart_cle
 
     resumed = run_training(nproc=1, overrides=overrides(
         data, tmp_path / "resumed", f"checkpoint.load={root}", f"checkpoint.save={root}",
-        "checkpoint.save_interval=7", "checkpoint.keep_last=2"))
+        "checkpoint.save_interval=8", "checkpoint.keep_last=2"))
     assert f"removed {root / 'iter_0000004.tmp'}: a save interrupted before it was published" in resumed.stderr
-    assert sorted(path.name for path in root.iterdir()) == ["iter_0000014", "iter_0000016", "latest"]
+    assert sorted(path.name for path in root.iterdir()) == ["iter_0000008", "iter_0000016", "latest"]
     assert (root / "latest").read_text() == "iter_0000016"
     killed = [m for m in read_metrics(tmp_path / "killed") if m["step"] <= 2]
     assert_bit_exact(killed + read_metrics(tmp_path / "resumed"), baseline["metrics"])
