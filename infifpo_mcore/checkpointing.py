@@ -142,7 +142,8 @@ def remove_incomplete(root: Path) -> list[Path]:
 
 def prune_checkpoints(root: Path, *, keep_last: int, published: Path) -> list[Path]:
     """Deletes published checkpoints older than the ``keep_last`` newest (``published`` counts and stays); returns
-    them. Directories newer than ``published`` (left by an abandoned run) are not touched: a later save replaces them."""
+    them. Directories newer than ``published`` (left by an abandoned run) are not touched: a later save replaces
+    them."""
     step = int(_ITERATION.fullmatch(published.name).group(1))
     older = sorted((int(match.group(1)), path) for path in root.iterdir()
                    if (match := _ITERATION.fullmatch(path.name)) and path.is_dir() and int(match.group(1)) < step)

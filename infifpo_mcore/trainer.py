@@ -69,7 +69,8 @@ def _from_last_stage(metrics: dict[str, float] | None) -> dict[str, float]:
 def _max_over_training_ranks(values: torch.Tensor) -> None:
     """In place: the element-wise max over every training rank (model-parallel group, then data-parallel replicas)."""
     dist.all_reduce(values, op=dist.ReduceOp.MAX, group=parallel_state.get_model_parallel_group())
-    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    data_parallel = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=data_parallel)
 
 
 def _differences(times: list[float]) -> list[float]:
@@ -190,7 +191,8 @@ class Trainer:
         listing.write_text("".join(problem + "\n" for problem in dataset.skipped))
         shown = dataset.skipped[:10]
         logger.warning(
-            "data.skip_invalid_rows: skipped %d invalid row(s) of %s, kept %d; all %d problem(s) are listed in %s:\n  %s%s",
+            "data.skip_invalid_rows: skipped %d invalid row(s) of %s, kept %d; all %d problem(s) are listed in "
+            "%s:\n  %s%s",
             dataset.num_skipped_rows, path, len(dataset), len(dataset.skipped), listing, "\n  ".join(shown),
             "\n  ..." if len(dataset.skipped) > len(shown) else "",
         )
@@ -458,7 +460,8 @@ class Trainer:
 
     def _log_stop(self) -> None:
         if self.ctx.rank == 0:
-            action = "saving it and stopping" if self.cfg.checkpoint.save else "stopping (checkpoint.save is null: not saved)"
+            action = ("saving it and stopping" if self.cfg.checkpoint.save
+                      else "stopping (checkpoint.save is null: not saved)")
             logger.warning("%s received (by at least one rank): step %d is complete; %s",
                            signal_name(self.agreed_stop), self.step, action)
 

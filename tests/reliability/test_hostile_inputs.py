@@ -71,7 +71,8 @@ FUZZED = {
     15: (b'{"prompt": "2 + 2?", "chosen": "\\udc00", "rejected": "5"}',
          ["chosen: not valid Unicode (a lone surrogate escape)"]),
     16: (b"[" * 100_000 + b"]" * 100_000, ["line: not usable JSON (RecursionError"]),
-    17: (good(chosen="four " * 40 + "yes", rejected="four " * 40 + "no"), ["rejected: identical to chosen in the first <n> response tokens, all that fit model.seq_length=32"]),
+    17: (good(chosen="four " * 40 + "yes", rejected="four " * 40 + "no"),
+         ["rejected: identical to chosen in the first <n> response tokens, all that fit model.seq_length=32"]),
 }
 
 
@@ -223,7 +224,8 @@ def test_a_checkpoint_of_another_model_shape_or_family_is_refused_by_name(data, 
     message = str(caught.value)
     assert "checkpoint error: " in message and "does not fit this model" in message
     assert "decoder.final_layernorm.bias: missing from the checkpoint" in message
-    assert "embedding.word_embeddings.weight: shape (32000, 128) in the checkpoint, (32000, 64) in this model" in message
+    assert ("embedding.word_embeddings.weight: shape (32000, 128) in the checkpoint, (32000, 64) in this model"
+            in message)
     assert "Traceback" not in message.split("checkpoint error: ")[1].split("E1")[0]  # said plainly, once
 
 
