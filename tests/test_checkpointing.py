@@ -89,3 +89,15 @@ def test_shapes_must_match_except_the_vocabulary_padding(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit this model \(2 tensor\(s\)\)(.|\n)*"
                                               r"embedding: shape \(32000, 16\)(.|\n)*norm: missing"):
         _check_shapes(tmp_path, stored(embedding=(32000, 16)), template, vocab_size=32000)
+
+
+def test_publishing_replaces_a_published_step_without_a_moment_of_nothing_to_load(tmp_path):
+    from infifpo_mcore.checkpointing import _publish
+
+    old = make_checkpoint(tmp_path, 5)
+    (tmp_path / "latest").write_text("iter_0000005")
+    staging = make_checkpoint(tmp_path, 6).rename(tmp_path / "iter_0000005.tmp")  # a new run re-saving step 5
+    (staging / "new").write_text("")
+    _publish(staging, old)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["iter_0000005", "latest"]
+    assert (old / "new").is_file() and resolve_checkpoint(tmp_path) == old
