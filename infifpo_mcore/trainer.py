@@ -159,6 +159,7 @@ class Trainer:
         )
         if cfg.checkpoint.load:
             self._load(Path(cfg.checkpoint.load))
+        self.bad_steps.last_good_step = self.step
         self.row_order = iter(self.sampler)
         for split in (self.train_data, self.eval_data):
             if split is not None and self._needs_init_scores(split):
