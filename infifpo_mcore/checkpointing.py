@@ -3,29 +3,54 @@
 Layout of a checkpoint root::
 
     <root>/iter_0000010/        dist_checkpointing directory (model, optimizer) + train_state.json
+                                + rng/tp{t}_pp{p}_dp{d}.safetensors (each rank's generator states)
                                 + pivot_init_scores.safetensors when the trainer computed them itself
     <root>/latest               text "iter_0000010", replaced atomically after the directory is complete
 
-A save goes to ``iter_XXXXXXX.tmp`` first and is renamed when every rank has finished, so a crash mid-save never
-leaves a directory that looks complete. Model tensors are stored per parameter, so a checkpoint loads into any
-TP/PP/DP layout; optimizer state likewise (Megatron's per-parameter formats: ``fully_reshardable`` for the distributed optimizer).
+Crash safety: a save goes to ``iter_XXXXXXX.tmp``; when every rank has finished, rank 0 flushes it to disk, renames
+it and then replaces ``latest``. A process killed at any point leaves ``latest`` naming a complete checkpoint; the
+leftover ``*.tmp`` is never loaded and is removed by the next run (``remove_incomplete``). ``keep_last`` prunes
+older published checkpoints after each save.
+
+Untrusted files: torch's distributed checkpoint reader unpickles ``.metadata`` with plain ``pickle`` and the
+non-tensor items of ``*.distcp`` with ``weights_only=False``; ``verify_checkpoint_files`` checks both (and every
+``*.pt``) with allow-listing unpicklers first, so a crafted checkpoint is refused before anything runs its code.
+
+Model tensors are stored per parameter, so a checkpoint loads into any TP/PP/DP layout; optimizer state likewise
+(Megatron's per-parameter formats: ``fully_reshardable`` for the distributed optimizer). Before loading, the tensor
+shapes stored are compared with the model's, so a checkpoint of another model shape or family is refused by name.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from safetensors.torch import load_file, save_file
+
+from infifpo_mcore.rng import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
 INIT_SCORES = "pivot_init_scores.safetensors"
+RNG_DIR = "rng"
+STAGING_SUFFIX = ".tmp"
+REPLACED_SUFFIX = ".replaced"
+_ITERATION = re.compile(r"iter_(\d{7})")
 # Megatron's canonical per-parameter optimizer layout: a checkpoint resumes at any TP / PP / DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -41,7 +66,15 @@ def iteration_dir(root: Path, step: int) -> Path:
 def resolve_checkpoint(path: Path) -> Path:
     """A root with a ``latest`` pointer or an ``iter_*`` directory itself -> the iteration directory to load."""
     if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
+        target = (path / LATEST).read_text().strip()
+        if (path / (target + REPLACED_SUFFIX)).is_dir() and not (path / target).exists():
+            target += REPLACED_SUFFIX  # killed while a new save of this step replaced it: the old one is whole
+        if not _ITERATION.match(target) or not (path / target).is_dir():
+            raise CheckpointError(f"{path / LATEST} names {target!r}, which is not a checkpoint directory beside it")
+        path = path / target
+    if path.name.endswith(STAGING_SUFFIX):
+        raise CheckpointError(f"{path} is an unfinished save (its writer stopped before publishing it); load the "
+                              f"checkpoint root or a published iter_* directory instead")
     if not (path / "metadata.json").is_file():
         raise CheckpointError(
             f"{path} is not a dist_checkpointing directory (no metadata.json, and no '{LATEST}' pointer beside it)"
@@ -49,14 +82,186 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Publishing and cleaning up
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Data reach the disk before the rename publishes them (a node crash must not leave a named empty file)."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(directory)
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rank 0: staging -> final, then the ``latest`` pointer (written beside and renamed: atomic)."""
+    root = final.parent
+    _fsync_tree(staging)
+    latest = root / LATEST
+    replaced = final.with_name(final.name + REPLACED_SUFFIX)
+    if final.exists():
+        # The published one (a new run re-saving a step of an old one) stays loadable under its second name until
+        # the new one is in place; an unpublished one (left by a save killed between rename and pointer) just goes.
+        if latest.is_file() and latest.read_text().strip() == final.name:
+            final.rename(replaced)
+        else:
+            shutil.rmtree(final)
+    staging.rename(final)
+    pointer = root / (LATEST + STAGING_SUFFIX)
+    pointer.write_text(final.name)
+    _fsync(pointer)
+    os.replace(pointer, latest)
+    _fsync(root)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def remove_incomplete(root: Path) -> list[Path]:
+    """Removes what interrupted saves left in ``root`` (``*.tmp``: never published, never loaded); returns it.
+
+    A published checkpoint set aside while a new save of its step was renamed in goes back to its name when that
+    rename did not happen, and is removed when it did."""
+    for replaced in sorted(root.glob("*" + REPLACED_SUFFIX)) if root.is_dir() else []:
+        original = replaced.with_name(replaced.name.removesuffix(REPLACED_SUFFIX))
+        if original.exists():
+            shutil.rmtree(replaced)
+        else:
+            replaced.rename(original)
+    leftovers = sorted(root.glob("*" + STAGING_SUFFIX)) if root.is_dir() else []
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return leftovers
+
+
+def prune_checkpoints(root: Path, *, keep_last: int, published: Path) -> list[Path]:
+    """Deletes published checkpoints older than the ``keep_last`` newest (``published`` counts and stays); returns
+    them. Directories newer than ``published`` (left by an abandoned run) are not touched: a later save replaces
+    them."""
+    step = int(_ITERATION.fullmatch(published.name).group(1))
+    older = sorted((int(match.group(1)), path) for path in root.iterdir()
+                   if (match := _ITERATION.fullmatch(path.name)) and path.is_dir() and int(match.group(1)) < step)
+    doomed = [path for _, path in older[: max(len(older) - (keep_last - 1), 0)]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Untrusted files: allow-listed unpickling before torch / Megatron unpickle them
+def _allowed_global(module: str, name: str) -> bool:
+    """What torch's distributed checkpoint metadata pickles: its own dataclasses and enums, torch sizes, dtypes."""
+    if "." in name:  # a dotted name walks attributes: "metadata.os.system"
+        return False
+    if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner"):
+        obj = getattr(__import__(module, fromlist=[name]), name, None)
+        return isinstance(obj, type) and obj.__module__ == module
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+    return (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                              ("torch.serialization", "_get_layout")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if not _allowed_global(module, name):
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which a checkpoint's metadata never holds")
+        return super().find_class(module, name)
+
+
+def verify_checkpoint_files(directory: Path):
+    """Refuses (CheckpointError) a checkpoint whose pickled parts refer to anything beyond plain data; returns its
+    torch distributed-checkpoint ``Metadata``, unpickled with the allow-list."""
+    try:
+        with open(directory / ".metadata", "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{directory / '.metadata'}: refused: {error}") from None
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{directory / '.metadata'}: refused: holds a {type(metadata).__name__}, not Metadata")
+    blobs = {index.fqn: info for index, info in metadata.storage_data.items()}
+    for key, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, BytesStorageMetadata):
+            continue
+        info = blobs.get(key)
+        if info is None or getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{directory}: refused: item {key!r} has no plain storage record")
+        with open(directory / info.relative_path, "rb") as file:
+            file.seek(info.offset)
+            raw = file.read(info.length)
+        _weights_only_load(io.BytesIO(raw), f"{directory / info.relative_path} item {key!r}")
+    for path in sorted(directory.glob("*.pt")):
+        _weights_only_load(path, str(path))
+    return metadata
+
+
+def _weights_only_load(source, where: str) -> None:
+    try:
+        torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever the unpickler objects to, the file is refused with it
+        raise CheckpointError(f"{where}: refused: not loadable with torch.load(weights_only=True): "
+                              f"{str(error).splitlines()[0]}") from None
+
+
+def _check_shapes(directory: Path, metadata, template: dict, *, vocab_size: int | None) -> None:
+    """Every model tensor is in the checkpoint with the model's global shape, else the checkpoint is refused.
+
+    Vocabulary-sized tensors (Megatron marks them ``allow_shape_mismatch``) may differ in their padding, which
+    depends on TP: their first dimension must only hold the ``vocab_size`` rows this run's tokenizer needs."""
+    stored = metadata.state_dict_metadata
+    expected = {tensor.key: tensor for tensor in nested_values(template["model"])
+                if isinstance(tensor, ShardedTensor)}  # one key per stack of layers
+    problems = []
+    for key, tensor in expected.items():
+        shape = tuple(tensor.global_shape)
+        if key not in stored:
+            problems.append(f"{key}: missing from the checkpoint")
+            continue
+        saved = tuple(stored[key].size)
+        padded_vocab = tensor.allow_shape_mismatch and vocab_size is not None and len(saved) == len(shape)
+        if padded_vocab and saved[1:] == shape[1:] and saved[0] >= vocab_size:
+            continue
+        if saved != shape:
+            problems.append(f"{key}: shape {saved} in the checkpoint, {shape} in this model")
+    if problems:
+        raise CheckpointError(
+            f"{directory} does not fit this model ({len(problems)} tensor(s)); it was saved from another model shape "
+            "or family (compare the model.* and tokenizer.* settings of the run that wrote it):\n  "
+            + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save / load
 def _model_sharded_state_dict(model_chunks) -> dict:
     (chunk,) = model_chunks
     return {"model": chunk.module.sharded_state_dict()}
 
 
+def _rng_file(directory: Path) -> Path:
+    return directory / RNG_DIR / (f"tp{parallel_state.get_tensor_model_parallel_rank()}"
+                                  f"_pp{parallel_state.get_pipeline_model_parallel_rank()}"
+                                  f"_dp{parallel_state.get_data_parallel_rank()}.safetensors")
+
+
+def _layout() -> dict[str, int]:
+    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+            "data": parallel_state.get_data_parallel_world_size()}
+
+
 def save_checkpoint(
     *, root: Path, step: int, model_chunks, optimizer, train_state: dict | None,
-    init_scores: dict[str, torch.Tensor] | None, write_extra: Callable[[Path], None] | None = None,
+    init_scores: dict[str, torch.Tensor] | None, keep_last: int | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Collective: every training rank calls it. Returns the published iteration directory.
 
@@ -64,7 +269,7 @@ def save_checkpoint(
     on rank 0 before the directory is published (the pivot card).
     """
     final = iteration_dir(root, step)
-    staging = final.with_name(final.name + ".tmp")
+    staging = final.with_name(final.name + STAGING_SUFFIX)
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -74,34 +279,38 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(staging))
-    if rank == 0 and train_state is not None:
-        (staging / TRAIN_STATE).write_text(json.dumps(train_state, indent=1, sort_keys=True))
+    if train_state is not None:  # a training run's: with its RNG states and train state, for an exact resume
+        _rng_file(staging).parent.mkdir(exist_ok=True)  # after the save: it wants an empty directory
+        save_file(capture_rng_state(), str(_rng_file(staging)))
+        if rank == 0:
+            (staging / TRAIN_STATE).write_text(
+                json.dumps({**train_state, "layout": _layout()}, indent=1, sort_keys=True))
     if rank == 0 and write_extra is not None:
         write_extra(staging)
     if init_scores is not None:
-        from safetensors.torch import save_file
-
         save_file({k: v.contiguous().cpu() for k, v in init_scores.items()}, str(staging / INIT_SCORES))
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST)
+        _publish(staging, final)
+        if keep_last:
+            for path in prune_checkpoints(root, keep_last=keep_last, published=final):
+                logger.info("removed %s (checkpoint.keep_last=%d)", path, keep_last)
     dist.barrier()
     return final
 
 
-def load_checkpoint(*, path: Path, model_chunks, optimizer=None) -> dict:
-    """Loads the model (and the optimizer when given and present) into this layout; returns the train state.
+def load_checkpoint(*, path: Path, model_chunks, optimizer=None, vocab_size: int | None = None) -> dict:
+    """Loads the model (and the optimizer and this rank's RNG states when given and present) into this layout;
+    returns the train state. ``vocab_size``: the unpadded vocabulary, which lets the vocabulary padding differ.
 
     A model-only checkpoint (e.g. converted from HF) returns ``{}``: training starts at step 0 from those weights.
     """
     directory = resolve_checkpoint(path)
+    metadata = verify_checkpoint_files(directory)
     state_file = directory / TRAIN_STATE
     train_state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     template = _model_sharded_state_dict(model_chunks)
+    _check_shapes(directory, metadata, template, vocab_size=vocab_size)
     with_optimizer = optimizer is not None and train_state.get("has_optimizer", False)
     if with_optimizer:
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True, metadata=OPTIMIZER_METADATA)
@@ -109,7 +318,18 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None) -> dict:
     model_chunks[0].module.load_state_dict(loaded["model"])
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
+        _load_rng(directory, train_state)
     return train_state
+
+
+def _load_rng(directory: Path, train_state: dict) -> None:
+    """Same layout: each rank continues its own generators. Another layout has other generators (one per TP / PP
+    rank), so they keep this run's seeding; the pivot has no dropout, so no value depends on them."""
+    saved = train_state.get("layout")
+    if saved == _layout() and _rng_file(directory).is_file():
+        restore_rng_state(load_file(str(_rng_file(directory))))
+    elif dist.get_rank() == 0:
+        logger.info("RNG states not restored: %s was saved at layout %s, this run is %s", directory, saved, _layout())
 
 
 def load_init_scores(path: Path) -> dict[str, torch.Tensor] | None:
@@ -117,6 +337,4 @@ def load_init_scores(path: Path) -> dict[str, torch.Tensor] | None:
     file = resolve_checkpoint(path) / INIT_SCORES
     if not file.is_file():
         return None
-    from safetensors.torch import load_file
-
     return load_file(str(file))

@@ -122,6 +122,9 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: int | None = None
+    # A collective that waits longer ends the job with an error instead of hanging (torch.distributed and
+    # Megatron's groups). Fractions of a minute are allowed.
+    timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -170,6 +173,7 @@ class DataConfig:
     eval_path: str | None = None
     max_prompt_length: int | None = None  # None: prompts are only limited by model.seq_length
     shuffle: bool = True
+    skip_invalid_rows: bool = False  # false: any invalid row stops the run at start; true: skipped, counted, listed
 
 
 @dataclass
@@ -188,6 +192,8 @@ class TrainConfig:
     seed: int = 1234
     precision: Precision = Precision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
     eval_interval: int | None = None  # steps between evaluations of data.eval_path (None: only after the last step)
+    # Steps with NaN/inf in the loss or gradients are skipped (no update); this many in a row stop the run.
+    max_consecutive_bad_steps: int = 5
 
 
 @dataclass
@@ -195,6 +201,7 @@ class CheckpointConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None  # None: save only at the end of training
+    keep_last: int | None = None  # keep the newest K checkpoints in `save`, delete older ones; None: keep all
 
 
 @dataclass
@@ -358,7 +365,8 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                 "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "train.eval_interval",
                 "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta",
                 "data.max_prompt_length", "train.micro_batch_size",
-                "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval"]
+                "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval",
+                "checkpoint.keep_last", "train.max_consecutive_bad_steps", "parallel.timeout_minutes"]
     non_negative = ["sources.num_ranks", "train.min_lr", "train.warmup_steps", "train.weight_decay",
                     "train.grad_clip", "train.seed"]
     for key in positive:

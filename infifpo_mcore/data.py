@@ -9,8 +9,10 @@ Row forms (one JSON object per line; blank lines are allowed and are not rows):
 Optional: ``id`` (string or int; default: the line number) and cached scores: ``ref_chosen_logps``,
 ``ref_rejected_logps`` (pivot init, sums) with optional ``ref_mean_chosen_logps``/``ref_mean_rejected_logps``;
 per-source lists ``fuse_chosen_logps``, ``fuse_rejected_logps``, ``fuse_mean_chosen_logps``,
-``fuse_mean_rejected_logps`` (each source's token count = sum / mean). Cached fields must be in every row or none.
-Every problem is reported at once as ``file:line field: problem`` in a ``DataError``; no row is skipped silently.
+``fuse_mean_rejected_logps`` (each source's token count = sum / mean). Cached fields must be in every row or none,
+with one entry per configured source when the sources are given.
+Every problem is reported at once as ``file:line field: problem`` in a ``DataError``; no row is skipped silently:
+with ``skip_invalid`` the rows with problems are left out, and the dataset counts and lists them.
 """
 
 from __future__ import annotations
@@ -97,6 +99,19 @@ class _Problems:
     def sorted(self) -> list[str]:
         return [text for _, text in sorted(self.by_line, key=lambda item: item[0])]
 
+    @property
+    def lines(self) -> set[int]:
+        return {line for line, _ in self.by_line}
+
+
+def _not_unicode(text: str) -> bool:
+    """A JSON escape can produce a lone UTF-16 surrogate, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
 
 def _messages(value: object, name: str, line: int, problems: _Problems) -> list[Message] | None:
     if not isinstance(value, list) or not value:
@@ -108,6 +123,8 @@ def _messages(value: object, name: str, line: int, problems: _Problems) -> list[
             problems.add(line, f"{name}[{index}]", f"expected {{'role': one of {list(ROLES)}, 'content': str}}")
         elif not isinstance(message.get("content"), str) or not message["content"].strip():
             problems.add(line, f"{name}[{index}].content", "missing or empty")
+        elif _not_unicode(message["content"]):
+            problems.add(line, f"{name}[{index}].content", "not valid Unicode (a lone surrogate escape)")
     if len(problems.by_line) > before:
         return None
     return [{"role": m["role"], "content": m["content"]} for m in value]
@@ -116,6 +133,9 @@ def _messages(value: object, name: str, line: int, problems: _Problems) -> list[
 def _answer(value: object, name: str, line: int, problems: _Problems) -> str | None:
     """A response: a non-empty string or ``[{"role": "assistant", "content": ...}]``."""
     if isinstance(value, str) and value.strip():
+        if _not_unicode(value):
+            problems.add(line, name, "not valid Unicode (a lone surrogate escape)")
+            return None
         return value
     messages = _messages(value, name, line, problems)
     if messages is None:
@@ -237,8 +257,18 @@ def _parse_row(row: dict, line: int, problems: _Problems) -> PreferenceRow | Non
                          cached=cached, fields=row)
 
 
-def read_preference_rows(path: str | Path) -> list[PreferenceRow]:
-    """Read and validate every row of a JSONL file; raises DataError listing all problems."""
+def read_preference_rows(path: str | Path, *, num_sources: int | None = None) -> list[PreferenceRow]:
+    """Read and validate every row of a JSONL file; raises DataError listing all problems.
+
+    ``num_sources``: the number of configured source models, which every ``fuse_*`` list must match."""
+    rows, problems = _read_rows(path, num_sources=num_sources)
+    if problems.by_line:
+        raise DataError(problems.sorted())
+    return rows
+
+
+def _read_rows(path: str | Path, *, num_sources: int | None) -> tuple[list[PreferenceRow], _Problems]:
+    """The valid rows and the problems of the others (raises DataError only when the file itself is unusable)."""
     problems = _Problems(str(path))
     if not Path(path).is_file():
         raise DataError([f"{path}: file not found"])
@@ -255,6 +285,9 @@ def read_preference_rows(path: str | Path) -> list[PreferenceRow]:
         except json.JSONDecodeError as error:
             problems.add(line, "line", f"not valid JSON ({error.msg} at column {error.colno})")
             continue
+        except (ValueError, RecursionError) as error:  # e.g. an integer of 5000 digits, nesting 10000 deep
+            problems.add(line, "line", f"not usable JSON ({type(error).__name__}: {str(error)[:80]})")
+            continue
         if not isinstance(row, dict):
             problems.add(line, "line", f"expected a JSON object, got {type(row).__name__}")
             continue
@@ -268,19 +301,23 @@ def read_preference_rows(path: str | Path) -> list[PreferenceRow]:
         parsed = _parse_row(row, line, problems)
         if parsed is not None:
             rows.append(parsed)
-    _check_across_rows(rows, problems)
+    _check_across_rows(rows, problems, num_sources=num_sources)
     if not rows and not problems.by_line:
         raise DataError([f"{path}: no rows"])
-    if problems.by_line:
-        raise DataError(problems.sorted())
-    return rows
+    return [row for row in rows if row.line not in problems.lines], problems
 
 
-def _check_across_rows(rows: list[PreferenceRow], problems: _Problems) -> None:
-    """Cached fields and the number of sources are the same in every row (as in the first valid row)."""
+def _check_across_rows(rows: list[PreferenceRow], problems: _Problems, *, num_sources: int | None) -> None:
+    """Cached fields and the number of sources are the same in every row (as in the first valid row) and, when
+    the sources are configured, the number of sources is theirs."""
     if not rows:
         return
     first = rows[0]
+    if num_sources is not None:
+        for row in rows:
+            got = len(row.cached.get("fuse_chosen_logps", [None] * num_sources))
+            if got != num_sources:
+                problems.add(row.line, "fuse_chosen_logps", f"{got} sources, but sources.models lists {num_sources}")
     for row in rows[1:]:
         for name in sorted(set(first.cached) ^ set(row.cached)):
             state = "missing" if name in first.cached else "present"
@@ -294,15 +331,18 @@ def _check_across_rows(rows: list[PreferenceRow], problems: _Problems) -> None:
 
 def truncate_example(*, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], seq_length: int,
                      max_prompt_length: int | None, bos_id: int | None) -> tuple[list[int], list[int], list[int], bool]:
-    """Left-truncate the prompt to ``max_prompt_length`` (and to leave room for one response token; a leading
-    BOS is kept), then right-truncate each response to fit ``seq_length``. Returns the three lists and whether
-    anything was cut."""
-    prompt_limit = seq_length - 1 if max_prompt_length is None else min(max_prompt_length, seq_length - 1)
+    """With ``max_prompt_length``, left-truncate the prompt to it (and to leave room for one response token; a
+    leading BOS is kept); then right-truncate each response to fit ``seq_length``. Returns the three lists and
+    whether anything was cut. Without ``max_prompt_length`` a prompt is never cut: the caller refuses one that
+    leaves no room for the response."""
     prompt = prompt_ids
+    prompt_limit = len(prompt) if max_prompt_length is None else min(max_prompt_length, seq_length - 1)
     if len(prompt) > prompt_limit:
         keep_bos = bos_id is not None and prompt[0] == bos_id and prompt_limit > 1
         prompt = [bos_id] + prompt[len(prompt) - prompt_limit + 1:] if keep_bos else prompt[-prompt_limit:]
     room = seq_length - len(prompt)
+    if room < 1:
+        raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room for a response in seq_length={seq_length}")
     chosen, rejected = chosen_ids[:room], rejected_ids[:room]
     truncated = len(prompt) < len(prompt_ids) or len(chosen) < len(chosen_ids) or len(rejected) < len(rejected_ids)
     return prompt, chosen, rejected, truncated
@@ -311,10 +351,13 @@ def truncate_example(*, prompt_ids: list[int], chosen_ids: list[int], rejected_i
 class PreferenceDataset:
     """Validated rows tokenised with the pivot tokenizer. ``num_truncated`` counts rows cut to fit."""
 
-    def __init__(self, *, rows: list[PreferenceRow], examples: list[PreferenceExample], num_truncated: int):
-        self.rows = rows
+    def __init__(self, *, rows: list[PreferenceRow], examples: list[PreferenceExample], num_truncated: int,
+                 skipped: list[str] | None = None, num_skipped_rows: int = 0):
+        self.rows = rows  # rows[i] is the row of examples[i]
         self.examples = examples
         self.num_truncated = num_truncated
+        self.skipped = skipped or []  # the problems of the rows left out (skip_invalid)
+        self.num_skipped_rows = num_skipped_rows
         fuse = rows[0].cached.get("fuse_chosen_logps", []) if rows else []
         self.num_sources = len(fuse)
         self.has_init_logps = bool(rows) and "ref_chosen_logps" in rows[0].cached
@@ -343,33 +386,47 @@ def _example(row_index: int, row: PreferenceRow, ids: tuple[list[int], list[int]
 
 
 def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_length: int,
-                            max_prompt_length: int | None) -> PreferenceDataset:
-    """Read, validate and tokenise a preference JSONL file (see the module docstring for the row forms)."""
+                            max_prompt_length: int | None, num_sources: int | None = None,
+                            skip_invalid: bool = False) -> PreferenceDataset:
+    """Read, validate and tokenise a preference JSONL file (see the module docstring for the row forms).
+
+    Raises DataError listing every problem; with ``skip_invalid`` the rows with problems are left out instead
+    (``dataset.skipped`` lists their problems) unless no row is left."""
     if seq_length < 2:
         raise ValueError(f"seq_length must be >= 2, got {seq_length}")
-    rows = read_preference_rows(path)
-    problems = _Problems(str(path))
+    rows, problems = _read_rows(path, num_sources=num_sources)
+    kept: list[PreferenceRow] = []
     examples: list[PreferenceExample] = []
     num_truncated = 0
-    for row_index, row in enumerate(rows):
+    for row in rows:
         try:
             prompt_ids = tokenizer.encode_prompt(row.prompt)
         except TokenizerError as error:
             problems.add(row.line, "prompt", str(error))
             continue
+        if max_prompt_length is None and len(prompt_ids) >= seq_length:
+            problems.add(row.line, "prompt", f"{len(prompt_ids)} tokens leave no room for the response in "
+                         f"model.seq_length={seq_length} (data.max_prompt_length cuts prompts from the left)")
+            continue
+        chosen_ids, rejected_ids = tokenizer.encode_response(row.chosen), tokenizer.encode_response(row.rejected)
         *ids, truncated = truncate_example(
-            prompt_ids=prompt_ids, chosen_ids=tokenizer.encode_response(row.chosen),
-            rejected_ids=tokenizer.encode_response(row.rejected), seq_length=seq_length,
+            prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, seq_length=seq_length,
             max_prompt_length=max_prompt_length, bos_id=tokenizer.bos_id)
+        if ids[1] == ids[2]:
+            problems.add(row.line, "rejected", f"identical to chosen in the first {len(ids[1])} response tokens, "
+                         f"all that fit model.seq_length={seq_length} after the {len(ids[0])}-token prompt")
+            continue
         num_truncated += truncated
-        examples.append(_example(row_index, row, tuple(ids)))
-    if problems.by_line:
-        raise DataError(problems.sorted())
+        examples.append(_example(len(kept), row, tuple(ids)))
+        kept.append(row)
+    if problems.by_line and not (skip_invalid and kept):
+        raise DataError(problems.sorted() + ([f"{path}: no valid row left to train on"] if skip_invalid else []))
     if num_truncated:
         logger.warning("%s: %d of %d rows truncated to seq_length=%d (max_prompt_length=%s); cached scores of "
-                       "those rows still describe the full responses", path, num_truncated, len(rows), seq_length,
+                       "those rows still describe the full responses", path, num_truncated, len(kept), seq_length,
                        max_prompt_length)
-    return PreferenceDataset(rows=rows, examples=examples, num_truncated=num_truncated)
+    return PreferenceDataset(rows=kept, examples=examples, num_truncated=num_truncated, skipped=problems.sorted(),
+                             num_skipped_rows=len(problems.lines))
 
 
 def collate_pairs(examples: list[PreferenceExample], *, seq_length: int, pad_id: int) -> PreferenceBatch:

@@ -181,7 +181,9 @@ def load_model(*, model_dir: Path, gguf_file: str | None, precision: str, device
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=dtype)
+    # Weights from safetensors only (no pickled .bin); a GGUF file holds plain arrays.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=dtype,
+                                                 use_safetensors=None if gguf_file else True)
     model.requires_grad_(False).eval().to(device)
     if precision == "fp8":
         _linear_layers_to_te(model)

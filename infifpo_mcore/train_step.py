@@ -23,6 +23,11 @@ from infifpo_mcore.data import PreferenceBatch
 from infifpo_mcore.logprobs import response_positions, response_sequence_logps, split_pairs
 from infifpo_mcore.model import set_response_positions
 
+# Per-row entries of the training loss output (the bad-step guard names rows with them); metrics are the other keys.
+ROW_IDS = "row_ids"
+ROW_LOSSES = "row_losses"
+PER_ROW_KEYS = (ROW_IDS, ROW_LOSSES)
+
 _REFERENCE_KEYS = (
     "init_chosen_logps",
     "init_rejected_logps",
@@ -66,12 +71,14 @@ def _row_losses(logits: Tensor, batch: PreferenceBatch, loss: LossConfig) -> tup
 
 
 def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Last stage: response ``logits [1, n, V/TP]`` -> (mean loss over the B rows, metrics averaged over the rows)."""
+    """Last stage: response ``logits [1, n, V/TP]`` -> (mean loss over the B rows, metrics averaged over the rows,
+    plus ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``)."""
     row_losses, row_metrics = _row_losses(logits, batch, loss)
     mean_loss = row_losses.mean()
     # The schedule divides the returned loss in place: report a copy (NOTES.md).
     reported = {"loss": mean_loss.detach().clone()}
     reported.update({name: value.detach().float().mean() for name, value in row_metrics.items()})
+    reported.update({ROW_IDS: batch["row_ids"], ROW_LOSSES: row_losses.detach()})
     return mean_loss, reported
 
 

@@ -2,7 +2,8 @@
 
 init distributed -> tokenizer + data -> pivot (GPTModel per stage, DDP) -> distributed optimizer + LR schedule
 -> [load checkpoint] -> [pivot-init scores] -> for each step: forward/backward through the pipeline schedule,
-``finalize_model_grads``, optimizer step, metrics from the last stage to rank 0 -> [save checkpoint] -> summary.
+``finalize_model_grads``, the bad-step guard and stop-signal check (one all-reduce), optimizer step, metrics from the
+last stage to rank 0 -> [save checkpoint] -> summary.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from infifpo_mcore import checkpointing, monitoring, pivot_card
+from infifpo_mcore import checkpointing, monitoring, pivot_card, step_guard
 from infifpo_mcore.config import (
     ConfigError,
     InfiFPOConfig,
@@ -42,9 +43,11 @@ from infifpo_mcore.model import (
     use_distributed_optimizer,
 )
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, join_job
+from infifpo_mcore.preemption import StopRequest, signal_name
 from infifpo_mcore.source_group import SCORE_FIELDS, ScoreReceiver, serve_sources
 from infifpo_mcore.tokenization import build_tokenizer
-from infifpo_mcore.train_step import evaluation_forward_step, scoring_forward_step, training_forward_step
+from infifpo_mcore.train_step import (PER_ROW_KEYS, evaluation_forward_step, scoring_forward_step,
+                                      training_forward_step)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,13 @@ def _from_last_stage(metrics: dict[str, float] | None) -> dict[str, float]:
         group=parallel_state.get_pipeline_model_parallel_group(),
     )
     return box[0]
+
+
+def _max_over_training_ranks(values: torch.Tensor) -> None:
+    """In place: the element-wise max over every training rank (model-parallel group, then data-parallel replicas)."""
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=parallel_state.get_model_parallel_group())
+    data_parallel = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=data_parallel)
 
 
 def _differences(times: list[float]) -> list[float]:
@@ -148,7 +158,12 @@ class Trainer:
         if ctx.rank == 0:
             logger.info("%s", self._memory_estimate().format())
         if cfg.checkpoint.save:
+            self._remove_incomplete_saves(Path(cfg.checkpoint.save))
             self._check_checkpoint_space(Path(cfg.checkpoint.save))
+        self.stop = StopRequest()
+        self.agreed_stop = 0  # the stop signal some rank received, once all ranks agreed on it at a step boundary
+        self.bad_steps = step_guard.BadStepLog(max_consecutive=cfg.train.max_consecutive_bad_steps)
+        self.saved_step: int | None = None
         self.micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.data)
         self.step = 0
         self.sampler = ResumableSampler(
@@ -157,6 +172,7 @@ class Trainer:
         )
         if cfg.checkpoint.load:
             self._load(Path(cfg.checkpoint.load))
+        self.bad_steps.last_good_step = self.step
         self.row_order = iter(self.sampler)
         self.score_receiver = self._start_score_stream() if self.online_sources else None
         for split in (self.train_data, self.eval_data):
@@ -171,7 +187,11 @@ class Trainer:
             tokenizer=self.tokenizer,
             seq_length=self.cfg.model.seq_length,
             max_prompt_length=self.cfg.data.max_prompt_length,
+            num_sources=len(self.cfg.sources.models) or None,
+            skip_invalid=self.cfg.data.skip_invalid_rows,
         )
+        if dataset.skipped and self.ctx.rank == 0:
+            self._report_skipped_rows(path, dataset)
         if self.online_sources and dataset.num_sources:
             raise ConfigError(
                 f"{path} carries source scores (fuse_*) and sources.num_ranks={self.cfg.sources.num_ranks} would "
@@ -205,6 +225,19 @@ class Trainer:
                     split.source_scores = torch.zeros((len(split.dataset), 4, self.num_sources), dtype=torch.float64)
         return receiver
 
+    def _report_skipped_rows(self, path: str, dataset: PreferenceDataset) -> None:
+        """data.skip_invalid_rows: the count and the first problems in the log, every problem in a file."""
+        listing = self.run_dir / f"skipped_rows.{Path(path).name}.txt"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("".join(problem + "\n" for problem in dataset.skipped))
+        shown = dataset.skipped[:10]
+        logger.warning(
+            "data.skip_invalid_rows: skipped %d invalid row(s) of %s, kept %d; all %d problem(s) are listed in "
+            "%s:\n  %s%s",
+            dataset.num_skipped_rows, path, len(dataset), len(dataset.skipped), listing, "\n  ".join(shown),
+            "\n  ..." if len(dataset.skipped) > len(shown) else "",
+        )
+
     def _memory_estimate(self):
         """What each rank should need (heaviest pipeline stage), printed at start so a misfit shows before OOM."""
         return estimate_memory_per_rank(
@@ -214,6 +247,13 @@ class Trainer:
             vocab_size=self.unpadded_vocab_size,
             fused_attention=transformer_engine_available(),
         )
+
+    def _remove_incomplete_saves(self, root: Path) -> None:
+        """What a killed save left (never published, never loaded) goes before the first save of this run."""
+        if self.ctx.rank == 0:
+            for path in checkpointing.remove_incomplete(root):
+                logger.warning("removed %s: a save interrupted before it was published", path)
+        dist.barrier()
 
     def _check_checkpoint_space(self, root: Path) -> None:
         """Refuses to start when the checkpoint disk cannot hold one checkpoint: the weights and the optimizer state
@@ -331,11 +371,15 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
     # Checkpoints
     def _load(self, path: Path) -> None:
-        state = checkpointing.load_checkpoint(path=path, model_chunks=self.model, optimizer=self.optimizer)
+        state = checkpointing.load_checkpoint(path=path, model_chunks=self.model, optimizer=self.optimizer,
+                                              vocab_size=self.unpadded_vocab_size)
         if state:
             self.step = state["step"]
             self.sampler.load_state_dict(state["sampler"])
             self.scheduler.load_state_dict(state["scheduler"])
+        save = self.cfg.checkpoint.save
+        if save and checkpointing.resolve_checkpoint(path).parent.resolve() == Path(save).resolve():
+            self.saved_step = self.step  # already saved there: a run with no step left has nothing new to save
         saved = checkpointing.load_init_scores(path) or {}
         for split in (self.train_data, self.eval_data):
             prefix = "" if split is self.train_data else "eval/"
@@ -345,6 +389,7 @@ class Trainer:
             logger.info("loaded %s (step %d)", path, self.step)
 
     def _save(self) -> Path:
+        self.saved_step = self.step
         init_scores = dict(self.train_data.init_scores or {})
         if self.eval_data is not None and self.eval_data.init_scores is not None:
             init_scores.update({f"eval/{key}": value for key, value in self.eval_data.init_scores.items()})
@@ -366,6 +411,7 @@ class Trainer:
                 "has_optimizer": True,
             },
             init_scores=init_scores if writes_scores else None,
+            keep_last=self.cfg.checkpoint.keep_last,
             write_extra=lambda directory: pivot_card.write_card(self.card, directory=directory),
         )
 
@@ -397,22 +443,54 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = self._run_schedule(training_forward_step(self.cfg.loss), batches, forward_only=False)
         clock.append(time.perf_counter())
-        self.scheduler.step(increment=1)  # the lr of step k is the schedule's value at k + 1: no lr=0 first step
-        lr = self.optimizer.param_groups[0]["lr"]
-        update_ok, grad_norm, _ = self.optimizer.step()
-        clock.append(time.perf_counter())
+        bad_reason, self.agreed_stop = self._step_verdict(outputs)
         self.step += 1
+        if bad_reason:  # no update: neither the optimizer nor the LR schedule moves; the batch stays consumed
+            self.bad_steps.record(step=self.step, bad=True, reason=bad_reason, rows=self._bad_rows(outputs))
+            lr, update_ok, grad_norm = self.optimizer.param_groups[0]["lr"], False, math.nan
+        else:
+            self.scheduler.step(increment=1)  # the lr of step k is the schedule's value at k + 1: no lr=0 first step
+            lr = self.optimizer.param_groups[0]["lr"]
+            update_ok, grad_norm, _ = self.optimizer.step()
+            self.bad_steps.record(step=self.step, bad=False)
+        clock.append(time.perf_counter())
         metrics = self._reduce_metrics(outputs)
-        metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), skipped=float(not update_ok), tokens=float(tokens))
+        metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), skipped=float(not update_ok), tokens=float(tokens),
+                       skipped_steps=float(self.bad_steps.total))
         # This rank's step time: data (incl. waiting for scores) / forward-backward through the pipeline / optimizer.
         metrics.update(zip(("time/data", "time/forward_backward", "time/optimizer"), _differences(clock)))
         return metrics
+
+    def _step_verdict(self, outputs: list[dict]) -> tuple[str, int]:
+        """Agreed by every training rank: why this step must not update ('' when it may), and the stop signal any
+        rank has received (0: none)."""
+        loss_bad = self.ctx.is_last_stage and not step_guard.losses_are_finite(outputs)
+        flags = torch.tensor([loss_bad, not step_guard.grads_are_finite(self.model), self.stop.signum],
+                             dtype=torch.int64, device=self.ctx.device)
+        _max_over_training_ranks(flags)
+        loss_bad, grads_bad, signum = flags.tolist()
+        reasons = [what for what, bad in (("NaN/inf loss", loss_bad), ("NaN/inf gradients", grads_bad)) if bad]
+        return " and ".join(reasons), signum
+
+    def _bad_rows(self, outputs: list[dict]) -> list[dict]:
+        """The rows of a bad step to blame, on every rank: those whose loss is NaN/inf, or when no loss is (the
+        gradients are), every row of the step."""
+        indices = None
+        if self.ctx.is_last_stage:
+            shares = [None] * self.ctx.data
+            group = parallel_state.get_data_parallel_group(with_context_parallel=False)
+            dist.all_gather_object(shares, step_guard.nonfinite_rows(outputs), group=group)
+            bad = sorted({row for rows, _ in shares for row in rows})
+            indices = bad or sorted({row for _, rows in shares for row in rows})
+        rows = self.train_data.dataset.rows
+        return [{"file": self.cfg.data.path, "line": rows[index].line, "id": rows[index].id, "index": index}
+                for index in _from_last_stage(indices)]
 
     def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
         """Last stage: mean over micro-batches, then over data-parallel ranks; then sent down the pipeline."""
         metrics = None
         if self.ctx.is_last_stage:
-            names = sorted(outputs[0])
+            names = sorted(name for name in outputs[0] if name not in PER_ROW_KEYS)
             local = torch.stack([torch.stack([out[name].float() for out in outputs]).mean() for name in names])
             dist.all_reduce(local, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
             metrics = dict(zip(names, (local / self.ctx.data).tolist()))
@@ -431,6 +509,13 @@ class Trainer:
         peak = monitoring.peak_bf16_flops(device_name=torch.cuda.get_device_name())
         return flops_per_token, peak * self.ctx.world_size if peak else None
 
+    def _log_stop(self) -> None:
+        if self.ctx.rank == 0:
+            action = ("saving it and stopping" if self.cfg.checkpoint.save
+                      else "stopping (checkpoint.save is null: not saved)")
+            logger.warning("%s received (by at least one rank): step %d is complete; %s",
+                           signal_name(self.agreed_stop), self.step, action)
+
     def _eval_due(self) -> bool:
         interval = self.cfg.train.eval_interval
         return self.step == self.cfg.train.steps or bool(interval and self.step % interval == 0)
@@ -446,12 +531,15 @@ class Trainer:
             wandb = monitoring.WandbSettings(project=cfg.logging.wandb_project, run_name=cfg.logging.wandb_run_name,
                                              config=to_dict(cfg))
         metrics_logger = monitoring.MetricsLogger(run_dir=self.run_dir, enabled=log_rank, wandb=wandb)
+        if log_rank:
+            self.bad_steps.path = self.run_dir / "skipped_steps.jsonl"
         progress = monitoring.ProgressBar(total=cfg.train.steps, enabled=log_rank, initial=self.step)
         throughput = monitoring.Throughput()
         flops_per_token, peak_flops = self._flops_budget()
         history: list[dict[str, float]] = []
         checkpoint_path = None
         started = time.perf_counter()
+        self.stop.install()
         try:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
@@ -468,15 +556,22 @@ class Trainer:
                 history.append(metrics)
                 metrics_logger.log(step=self.step, metrics=metrics)
                 progress.update(metrics)
+                if self.bad_steps.exhausted:
+                    raise step_guard.TrainingHalted(self.bad_steps.halt_message(
+                        step=self.step, checkpoint=self._save() if cfg.checkpoint.save else None))
+                if self.agreed_stop:
+                    self._log_stop()
+                    break
                 interval = cfg.checkpoint.save_interval
                 if cfg.checkpoint.save and interval and self.step % interval == 0 and self.step < cfg.train.steps:
                     checkpoint_path = self._save()
                     throughput.restart_clock()
-            if cfg.checkpoint.save:
+            if cfg.checkpoint.save and self.saved_step != self.step:
                 checkpoint_path = self._save()
             if self.score_receiver is not None:
                 self.score_receiver.close()  # after a failure the job ends instead; the sources see the lost link
         finally:
+            self.stop.uninstall()
             progress.close()
             metrics_logger.close()
         summary = monitoring.summarize_run(
@@ -520,12 +615,14 @@ def train(cfg: InfiFPOConfig) -> monitoring.RunSummary | None:
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     if int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger("infifpo_mcore").setLevel(logging.INFO)
-    job = join_job(source_ranks=cfg.sources.num_ranks, bridge_timeout=timedelta(minutes=cfg.sources.timeout_minutes))
+    job = join_job(source_ranks=cfg.sources.num_ranks, timeout_minutes=cfg.parallel.timeout_minutes,
+                   bridge_timeout=timedelta(minutes=cfg.sources.timeout_minutes))
     try:
         if job.is_source_rank:
             serve_sources(cfg, job=job)
             return None
-        ctx = init_parallel(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, seed=cfg.train.seed, job=job)
+        ctx = init_parallel(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, seed=cfg.train.seed,
+                            timeout_minutes=cfg.parallel.timeout_minutes, job=job)
         return Trainer(cfg, ctx).fit()
     finally:
         destroy_parallel()

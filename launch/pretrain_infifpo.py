@@ -28,13 +28,24 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=
 # (Megatron-LM's launch scripts set the same); harmless on CPU.
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-from infifpo_mcore.config import ConfigError, load_config  # noqa: E402  (after the filters above)
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from infifpo_mcore.checkpointing import CheckpointError  # noqa: E402  (after the filters above)
+from infifpo_mcore.config import ConfigError, load_config  # noqa: E402
+from infifpo_mcore.data import DataError  # noqa: E402
 from infifpo_mcore.pivot_card import resolve_pivot  # noqa: E402
+from infifpo_mcore.step_guard import TrainingHalted  # noqa: E402
 from infifpo_mcore.trainer import train  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
 
 
+# Expected ways for a run to refuse or stop, each found by every rank alike: said once, no traceback.
+_REFUSALS = {ConfigError: ("config error", 2), DataError: ("data error", 2), CheckpointError: ("checkpoint error", 2),
+             TrainingHalted: ("training halted", 3)}
+
+
+@record  # any other exception: its traceback goes to torchrun's error file, which torchrun reports as the root cause
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the tiny CPU run)")
@@ -43,10 +54,11 @@ def main() -> int:
     try:
         # With checkpoint.load, the checkpoint's model and tokenizer apply (precedence: infifpo_mcore/pivot_card.py).
         train(resolve_pivot(load_config(path=args.config, overrides=args.overrides), overrides=args.overrides))
-    except ConfigError as error:
+    except tuple(_REFUSALS) as error:
+        label, code = next(value for kind, value in _REFUSALS.items() if isinstance(error, kind))
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
-            print(f"config error: {error}", file=sys.stderr)
-        return 2
+            print(f"{label}: {error}", file=sys.stderr, flush=True)
+        return code
     return 0
 
 

@@ -135,6 +135,10 @@ def test_dotted_keys_inside_yaml(tmp_path):
     ("train.warmup_steps=60", ["train.warmup_steps (60)", "< train.steps (60)"]),
     ("data.max_prompt_length=128", ["data.max_prompt_length (128)", "model.seq_length (128)"]),
     ("checkpoint.save_interval=5", ["checkpoint.save_interval", "checkpoint.save"]),
+    ("checkpoint.keep_last=0", ["checkpoint.keep_last", "> 0"]),
+    ("train.max_consecutive_bad_steps=0", ["train.max_consecutive_bad_steps", "> 0"]),
+    ("parallel.timeout_minutes=0", ["parallel.timeout_minutes", "> 0"]),
+    ("data.skip_invalid_rows=2", ["data.skip_invalid_rows", "bool"]),
     ("data.path=", ["data.path", "expected str", "None"]),
     ("data.path=''", ["data.path", "must not be empty"]),
     ("oops", ["malformed override 'oops'", "key.sub=value"]),
@@ -245,7 +249,7 @@ def test_to_dict_holds_plain_values():
     as_dict = to_dict(load_config(overrides=["loss.type=ipo"]))
     assert type(as_dict["loss"]["type"]) is str and as_dict["loss"]["type"] == "ipo"
     assert json.loads(json.dumps(as_dict)) == as_dict
-    assert as_dict["parallel"] == {"tensor": 1, "pipeline": 1, "virtual_pipeline": None}
+    assert as_dict["parallel"] == {"tensor": 1, "pipeline": 1, "virtual_pipeline": None, "timeout_minutes": 10.0}
 
 
 def test_save_then_load_round_trips(tmp_path):

@@ -190,11 +190,14 @@ def test_truncation_keeps_bos_and_cuts_responses_from_the_right():
         prompt_ids=[1, 10, 11], chosen_ids=[20, 21, 22, 2], rejected_ids=[30, 2], seq_length=5,
         max_prompt_length=None, bos_id=1)
     assert (prompt, chosen, rejected, truncated) == ([1, 10, 11], [20, 21], [30, 2], True)
-    # a prompt longer than the sequence leaves room for one response token
+    # max_prompt_length leaves room for one response token; without it a prompt is never cut
     prompt, chosen, _, truncated = truncate_example(
         prompt_ids=[9, 10, 11, 12], chosen_ids=[20, 2], rejected_ids=[30, 2], seq_length=3,
-        max_prompt_length=None, bos_id=1)
+        max_prompt_length=3, bos_id=1)
     assert (prompt, chosen, truncated) == ([11, 12], [20], True)
+    with pytest.raises(ValueError, match="no room for a response"):
+        truncate_example(prompt_ids=[9, 10, 11], chosen_ids=[20, 2], rejected_ids=[30, 2], seq_length=3,
+                         max_prompt_length=None, bos_id=1)
     assert truncate_example(prompt_ids=[1, 5], chosen_ids=[6, 2], rejected_ids=[7, 2], seq_length=4,
                             max_prompt_length=2, bos_id=1)[3] is False
 

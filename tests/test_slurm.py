@@ -3,6 +3,7 @@ PATH: the fakes record what they were given instead of launching anything, so no
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -133,3 +134,13 @@ def test_a_missing_config_stops_before_srun(tmp_path, script):
                             timeout=30)
     assert result.returncode == 2
     assert "CONFIG=launch/configs/nope.yaml not found" in result.stderr
+
+
+def test_training_job_routes_the_wall_time_signal_to_the_workers(tmp_path):
+    """Slurm sends USR1 ahead of the time limit to every process of the step; torchrun must pass it on (not die of
+    it) and give the workers longer than the step plus a save, but less than the lead time."""
+    _, _, env = _run("launch/slurm/infifpo.sbatch", tmp_path, env={"RUN_DIR": str(tmp_path / "run")})
+    assert "SIGUSR1" in env["PET_SIGNALS_TO_HANDLE"].split(",") and "SIGTERM" in env["PET_SIGNALS_TO_HANDLE"]
+    assert env["TORCHELASTIC_SIGNALS_TO_HANDLE"] == env["PET_SIGNALS_TO_HANDLE"]
+    lead = re.search(r"^#SBATCH --signal=USR1@(\d+)$", (REPO / "launch/slurm/infifpo.sbatch").read_text(), re.M)
+    assert lead and int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < int(lead.group(1))

@@ -35,6 +35,15 @@ export OMP_NUM_THREADS
 # the time limit (3: without aborting the communicator first, which can itself hang; torch's default, set here
 # for older images).
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+# Stop signals. Slurm signals every process of the job step: torchrun (whose default action for SIGUSR1 would be
+# to die on the spot) and its workers. torchrun passes the signals listed here on to its workers and waits up to
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for them: the trainer finishes its step, saves a checkpoint and returns
+# (infifpo_mcore/preemption.py). PET_* is what torchrun's --signals-to-handle reads; the TORCHELASTIC_* name is
+# the one older torchrun versions read. Keep sbatch's --signal lead time above the shutdown timeout, and the
+# timeout above one step plus one checkpoint save.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-$PET_SIGNALS_TO_HANDLE}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
 # Megatron's tensor-parallel layers overlap their gradient all-reduce with compute only when kernels are issued in
 # order on one hardware queue (it warns without this).
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
