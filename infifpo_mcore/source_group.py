@@ -33,7 +33,7 @@ wait, if any, shows in the step's ``time/data``.
 
 Faults: a source rank that dies ends the job through torchrun, and the receivers' pending receive fails on the lost
 connection (no hang); scores that do not come within ``sources.timeout_minutes`` raise ``SourceGroupError`` naming
-the step.
+the step. Stop signals (SIGTERM, SIGUSR1) are left to the trainers: the source ranks serve on until the stop message.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch.distributed as dist
 from infifpo_mcore.config import InfiFPOConfig
 from infifpo_mcore.data import PreferenceDataset, PreferenceRow, ResumableSampler, load_preference_dataset
 from infifpo_mcore.parallel import JobLayout
+from infifpo_mcore.preemption import StopRequest
 from infifpo_mcore.sources import SourceScorer, build_scorer, prepare_source
 from infifpo_mcore.tokenization import build_tokenizer
 
@@ -245,6 +246,9 @@ class _Leader:
 def serve_sources(cfg: InfiFPOConfig, *, job: JobLayout) -> None:
     """A source rank's whole life: load its source models, then score the held-out rows and every remaining global
     batch with the other source ranks, the leader sending each granted batch, until the last or the stop."""
+    # A stop signal (preemption, wall time) reaches every worker, but it is the trainers' to act on: they finish the
+    # step, save it, take the batch granted and send stop. A source rank dying of it first would fail those receives.
+    StopRequest().install()
     group_rank, group_size = job.rank - job.training_ranks, job.world_size - job.training_ranks
     timeout = timedelta(minutes=cfg.sources.timeout_minutes)
     num_sources = len(cfg.sources.models)

@@ -12,13 +12,16 @@ from tests.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "launch" / "pretrain_infifpo.py"
+# The shipped default (launch/configs/tiny_cpu.yaml) trains InfiFPO on the bundled scored data; tests train DPO on
+# the data they pass unless they say otherwise: these come first, a test's own overrides after them win.
+BASE_OVERRIDES = ["loss.type=dpo", "loss.beta=0.1", "loss.length_norm=false", "loss.clip=true"]
 
 
 def run_training(*, nproc: int, overrides: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """The entry point under torchrun; raises AssertionError with the output's tail if it fails and ``check``."""
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-        str(ENTRY), *overrides,
+        str(ENTRY), *BASE_OVERRIDES, *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -59,7 +59,7 @@ def test_the_documented_command_at_pp2_trains_a_converted_tied_model_that_export
     run_training(nproc=2, overrides=[
         f"checkpoint.load={tmp_path / 'ckpt'}", "parallel.tensor=1", "parallel.pipeline=2", f"data.path={data}",
         f"data.eval_path={data}", f"run_dir={tmp_path / 'run'}", f"checkpoint.save={tmp_path / 'run' / 'ckpt'}",
-        "train.steps=2", "train.warmup_steps=0", "train.global_batch_size=4", "train.lr=1e-2", "model.seq_length=96"])
+        "train.steps=2", "train.warmup_steps=0", "train.global_batch_size=4", "train.lr=1e-2", "model.seq_length=256"])
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
     run_tool("mcore_to_hf.py", "--ckpt", str(tmp_path / "run" / "ckpt"), "--out", str(tmp_path / "back"))
     exported, original = load_file(tmp_path / "back" / "model.safetensors"), load_file(hf / "model.safetensors")

@@ -40,17 +40,19 @@ def flat_keys(tree: dict, prefix: str = "") -> set[str]:
 
 # --- loading and merging ---------------------------------------------------------------------------------------
 
-def test_tiny_yaml_equals_defaults_except_layout_loss_and_checkpoint():
-    """The tiny run differs from the defaults only where it must: 4-rank layout, DPO until its data carries source
-    scores, a checkpoint directory so its summary has one to show, and its own held-out split (a default eval file
-    would silently keep evaluating the tiny set after a user changes data.path)."""
+def test_tiny_yaml_equals_defaults_except_layout_loss_data_and_checkpoint():
+    """The tiny run differs from the defaults only where it must: 4-rank layout, InfiFPO settings for an untrained
+    pivot (no clipping, the paper's beta), the bundled scored data with its own held-out split (a default eval file
+    would silently keep evaluating the tiny set after a user changes data.path), and a checkpoint directory so its
+    summary has one to show."""
     defaults = InfiFPOConfig()
     expected = dataclasses.replace(
         defaults,
         parallel=ParallelConfig(tensor=2, pipeline=2),
-        loss=dataclasses.replace(defaults.loss, type="dpo", length_norm=False),
+        loss=dataclasses.replace(defaults.loss, type="infifpo", beta=2.5, length_norm=True, clip=False),
         checkpoint=dataclasses.replace(defaults.checkpoint, save="runs/tiny/checkpoints"),
-        data=dataclasses.replace(defaults.data, eval_path="launch/data/tiny_prefs_eval.jsonl"),
+        data=dataclasses.replace(defaults.data, path="launch/data/tiny_fused_train.jsonl",
+                                 eval_path="launch/data/tiny_fused_eval.jsonl"),
         train=dataclasses.replace(defaults.train, eval_interval=20),
     )
     assert load_config(path=TINY_YAML) == expected

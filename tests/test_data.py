@@ -305,3 +305,23 @@ def test_bundled_tiny_dataset_loads(tokenizer):
     assert all(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) <= 200 for e in train)
     batch = collate_pairs([train[0], train[1]], seq_length=256, pad_id=tokenizer.pad_id)
     assert batch["loss_mask"][0].sum() == len(train[0]["chosen_ids"])
+
+
+def test_bundled_fused_data_is_the_same_rows_scored_by_two_sources_with_their_own_tokenizers(tokenizer):
+    for split in ("train", "eval"):
+        fused = load_preference_dataset(path=REPO / f"launch/data/tiny_fused_{split}.jsonl", tokenizer=tokenizer,
+                                        seq_length=256, max_prompt_length=None)
+        plain = load_preference_dataset(path=REPO / f"launch/data/tiny_prefs_{split}.jsonl", tokenizer=tokenizer,
+                                        seq_length=256, max_prompt_length=None)
+        assert [row.id for row in fused.rows] == [row.id for row in plain.rows]
+        assert [(e["chosen_ids"], e["rejected_ids"]) for e in fused] == [(e["chosen_ids"], e["rejected_ids"])
+                                                                          for e in plain]
+        assert fused.num_sources == 2 and not fused.has_init_logps
+        sidecar = json.loads((REPO / f"launch/data/tiny_fused_{split}.jsonl.sources.json").read_text())
+        assert [source["name"] for source in sidecar["sources"]] == ["smollm2-135m-instruct", "gemma-3-270m"]
+        assert len({source["tokenizer"] for source in sidecar["sources"]}) == 2
+        for example in fused:
+            for kind in ("chosen", "rejected"):
+                # trained models: per token far above chance (-log(49,152) = -10.8, -log(262,144) = -12.5)
+                assert all(length >= 1 and -8.0 < total / length < 0.0 for total, length in
+                           zip(example[f"source_{kind}_logps"], example[f"source_{kind}_lengths"]))

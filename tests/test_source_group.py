@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -131,3 +132,25 @@ def test_scores_that_never_arrive_raise_a_clear_error_instead_of_hanging():
     waited = float(message.split("s ", 1)[0])
     assert 2.5 < waited < 30, message
     assert "source scores of the global batch of step 0" in message and "sources.timeout_minutes" in message
+
+
+@pytest.mark.distributed
+def test_a_stop_signal_saves_the_training_and_the_source_ranks_keep_serving_until_told_to_stop(online_setup, tmp_path):
+    """SIGTERM to every worker (what a preemption sends): the training ranks finish the step and save it; the source
+    rank must not die of the signal before the trainers have taken what they were granted."""
+    from tests.reliability.torchrun import Run
+
+    root, run_dir = tmp_path / "ckpt", tmp_path / "run"
+    run = Run(nproc=2, log=tmp_path / "run.log", overrides=_overrides(
+        run_dir, online_setup["train"], online_setup["eval"], "parallel.tensor=1", "parallel.pipeline=1",
+        "train.steps=40", "sources.num_ranks=1", f"sources.models={json.dumps(online_setup['sources'])}",
+        f"checkpoint.save={root}"))
+    metrics = run_dir / "metrics.jsonl"
+    run.wait_until(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, timeout=240,
+                   what="two steps")
+    for worker in run.workers().values():
+        worker.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=120) == 0, run.output[-6000:]
+    last = read_metrics(run_dir)[-1]["step"]
+    assert last < 40, "the run ended before the signal arrived"
+    assert (root / "latest").read_text() == f"iter_{last:07d}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher import REPO, read_metrics, run_training
+from tests.launcher import BASE_OVERRIDES, REPO, read_metrics, run_training
 
 STEPS = 16
 VALID_ROWS = 24
@@ -29,7 +29,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"data.path={data}", "data.eval_path=null", "data.skip_invalid_rows=true", f"run_dir={run_dir}",
+    """The reliability runs' settings (DPO on ``data``, like every test launch: BASE_OVERRIDES), then ``extra``."""
+    return [*BASE_OVERRIDES, f"data.path={data}", "data.eval_path=null", "data.skip_invalid_rows=true", f"run_dir={run_dir}",
             "model.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=4", f"train.steps={STEPS}",
             "train.warmup_steps=2", "train.lr=2e-3", "parallel.tensor=1", "parallel.pipeline=1",
             "checkpoint.save=null", *extra]

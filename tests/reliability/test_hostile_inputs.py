@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from infifpo_mcore import checkpointing, pivot_card
 from infifpo_mcore.checkpointing import CheckpointError, load_checkpoint, verify_checkpoint_files
 from infifpo_mcore.config import ConfigError, load_config, validate_layout
 from infifpo_mcore.data import KNOWN_FIELDS, DataError, load_preference_dataset
@@ -217,10 +218,18 @@ def test_a_config_file_cannot_run_code(tmp_path):
 
 
 def test_a_checkpoint_of_another_model_shape_or_family_is_refused_by_name(data, baseline, tmp_path):
+    other_shape = ["model.normalization=LayerNorm", "model.hidden_size=64", "model.ffn_hidden_size=176"]
+    # The checkpoint's pivot card names its shape: a contradicting one is refused before any weight is read ...
     with pytest.raises(AssertionError) as caught:
-        run_training(nproc=1, overrides=overrides(
-            data, tmp_path, f"checkpoint.load={baseline['checkpoint']}", "model.normalization=LayerNorm",
-            "model.hidden_size=64", "model.ffn_hidden_size=176"))
+        run_training(nproc=1, overrides=overrides(data, tmp_path / "card", f"checkpoint.load={baseline['checkpoint']}",
+                                                  *other_shape))
+    assert "model.hidden_size=64 (from the command line) contradicts checkpoint.load" in str(caught.value)
+    # ... and without a card (a checkpoint from elsewhere) the stored tensor shapes are compared with the model's.
+    without_card = tmp_path / "without_card"
+    shutil.copytree(checkpointing.resolve_checkpoint(Path(baseline["checkpoint"])), without_card)
+    (without_card / pivot_card.CARD_FILE).unlink()
+    with pytest.raises(AssertionError) as caught:
+        run_training(nproc=1, overrides=overrides(data, tmp_path, f"checkpoint.load={without_card}", *other_shape))
     message = str(caught.value)
     assert "checkpoint error: " in message and "does not fit this model" in message
     assert "decoder.final_layernorm.bias: missing from the checkpoint" in message

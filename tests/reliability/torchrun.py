@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from tests.distributed import free_port
-from tests.launcher import ENTRY, REPO
+from tests.launcher import BASE_OVERRIDES, ENTRY, REPO
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 # What launch/slurm/common.sh exports: torchrun (its --signals-to-handle) passes SIGUSR1 on to its workers as well.
@@ -27,7 +27,7 @@ class Run:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   f"--master_port={free_port()}", str(entry), *overrides]
+                   f"--master_port={free_port()}", str(entry), *BASE_OVERRIDES, *overrides]
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                        **(env or {})}
