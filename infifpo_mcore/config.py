@@ -59,6 +59,7 @@ class LossType(StrEnum):
     fpo = "fpo"
     dpo = "dpo"
     ipo = "ipo"
+    wrpo = "wrpo"
 
 
 class Fusion(StrEnum):
@@ -165,6 +166,8 @@ class LossConfig:
     clip: bool = True
     fusion: Fusion = Fusion.mean
     include_pivot_init: bool = False
+    # WRPO's fusion coefficient at the last step; it ramps up linearly from 0 over train.steps (losses.wrpo_alpha)
+    wrpo_alpha: float = 0.5
 
 
 @dataclass
@@ -375,6 +378,8 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     for key in non_negative:
         if get(key) < 0:
             problems.append(f"{key}: must be >= 0, got {get(key)}")
+    if not 0 <= cfg.loss.wrpo_alpha <= 1:
+        problems.append(f"loss.wrpo_alpha: must be in [0, 1], got {cfg.loss.wrpo_alpha}")
     for key in ["train.adam_beta1", "train.adam_beta2"]:
         if not 0 <= get(key) < 1:
             problems.append(f"{key}: must be in [0, 1), got {get(key)}")

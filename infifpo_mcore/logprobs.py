@@ -50,7 +50,9 @@ def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor
     return sums, loss_mask.float().sum(dim=-1)
 
 
-def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows ``[2B, ...]`` laid out chosen-first (``data.collate_pairs``) -> ``(chosen [B, ...], rejected [B, ...])``."""
-    half = values.shape[0] // 2
-    return values[:half], values[half:]
+def split_responses(values: Tensor, *, groups: int) -> tuple[Tensor, ...]:
+    """Rows ``[G*B, ...]`` laid out response by response (``data.collate_pairs``: chosen, rejected, and WRPO's
+    chosen_pivot when G = 3) -> G tensors ``[B, ...]`` in that order."""
+    if values.shape[0] % groups:
+        raise ValueError(f"{values.shape[0]} rows do not split into {groups} responses per row")
+    return tuple(values.chunk(groups))

@@ -47,7 +47,7 @@ paper's formula exactly. The last stage adds the final norm input and the output
 fp32 logits the cross-entropy keeps (``4 s b V / t``; conservative: the trainer projects response positions only).
 
 **A preference pair doubles the sequences**: chosen and rejected of a row share a micro-batch, so b = 2 x
-micro_batch_size sequences of ``seq_length`` tokens.
+micro_batch_size sequences of ``seq_length`` tokens (3 x with WRPO's second chosen response: ``responses_per_row``).
 
 **Pipeline schedule**: with 1F1B, stage s (0-based) holds the activations of ``p - s`` micro-batches at its peak,
 so stage 0 keeps p micro-batches of its L / p layers in flight (Narayanan et al. 2021, "Efficient Large-Scale
@@ -142,10 +142,11 @@ def stage_parameters(*, model: ModelConfig, vocab_size: int, tensor: int, pipeli
 
 
 def activation_bytes(*, model: ModelConfig, tensor: int, pipeline: int, stage: int, micro_batch_size: int,
-                     seq_length: int, precision: str, vocab_size: int, fused_attention: bool = True) -> int:
+                     seq_length: int, precision: str, vocab_size: int, fused_attention: bool = True,
+                     responses_per_row: int = 2) -> int:
     """Activations one micro-batch leaves on one rank of ``stage`` for its backward (module docstring formula)."""
     element = _ELEMENT_BYTES[_precision(precision)]
-    tokens = 2 * micro_batch_size * seq_length  # s * b, with b = chosen + rejected sequences
+    tokens = responses_per_row * micro_batch_size * seq_length  # s * b, with b = chosen + rejected (+ chosen_pivot)
     h, heads, groups = model.hidden_size, model.num_attention_heads, model.num_query_groups
     head_dim = h // heads
     gates = 2 if model.activation == "swiglu" else 1
@@ -163,12 +164,12 @@ def activation_bytes(*, model: ModelConfig, tensor: int, pipeline: int, stage: i
 
 def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, data: int, micro_batch_size: int,
                              seq_length: int, precision: str, distributed_optimizer: bool, vocab_size: int,
-                             fused_attention: bool = True) -> MemoryEstimate:
+                             fused_attention: bool = True, responses_per_row: int = 2) -> MemoryEstimate:
     """Memory of one rank of the heaviest pipeline stage (see the module docstring for every formula).
 
     ``precision``: 'bf16' or 'fp32' (resolve 'auto' first). ``vocab_size``: the tokenizer's (or model.vocab_size),
     padded here as the trainer pads it. ``fused_attention``: Transformer Engine / flash attention (no s^2 scores
-    kept); False for Megatron's local layer spec.
+    kept); False for Megatron's local layer spec. ``responses_per_row``: sequences per row (3 for WRPO).
     """
     precision = _precision(precision)
     weight, gradient, optimizer = STATE_BYTES[precision]
@@ -184,7 +185,8 @@ def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, 
             optimizer_bytes=-(-optimizer_bytes // data) if distributed_optimizer else optimizer_bytes,
             activation_bytes_per_microbatch=activation_bytes(
                 model=model, tensor=tensor, pipeline=pipeline, stage=stage, micro_batch_size=micro_batch_size,
-                seq_length=seq_length, precision=precision, vocab_size=vocab_size, fused_attention=fused_attention),
+                seq_length=seq_length, precision=precision, vocab_size=vocab_size, fused_attention=fused_attention,
+                responses_per_row=responses_per_row),
             microbatches_in_flight=pipeline - stage,
         ))
     return max(estimates, key=lambda estimate: estimate.total_bytes)

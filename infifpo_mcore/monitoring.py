@@ -271,7 +271,7 @@ def gpu_stats(*, device: int | None = None) -> dict[str, float]:
 
 def describe_reference(*, loss_type: str, num_sources: int, fusion: str, include_pivot_init: bool) -> str:
     """The summary's "reference:" text: what the policy was compared against."""
-    if loss_type in ("dpo", "ipo"):
+    if loss_type in ("dpo", "ipo", "wrpo"):
         detail = ("the data carries no source scores" if num_sources == 0
                   else f"the {num_sources} source scores in the data are not used")
         return f"pivot init ({loss_type.upper()}) — {detail}"

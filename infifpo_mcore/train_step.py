@@ -19,8 +19,8 @@ from torch import Tensor
 
 from infifpo_mcore import losses
 from infifpo_mcore.config import LossConfig
-from infifpo_mcore.data import PreferenceBatch
-from infifpo_mcore.logprobs import response_positions, response_sequence_logps, split_pairs
+from infifpo_mcore.data import RESPONSES, PreferenceBatch
+from infifpo_mcore.logprobs import response_positions, response_sequence_logps, split_responses
 from infifpo_mcore.model import set_response_positions
 
 # Per-row entries of the training loss output (the bad-step guard names rows with them); metrics are the other keys.
@@ -31,6 +31,7 @@ PER_ROW_KEYS = (ROW_IDS, ROW_LOSSES)
 _REFERENCE_KEYS = (
     "init_chosen_logps",
     "init_rejected_logps",
+    "init_chosen_pivot_logps",
     "source_chosen_logps",
     "source_rejected_logps",
     "source_chosen_lengths",
@@ -44,20 +45,19 @@ def _run_model(model: torch.nn.Module, batch: PreferenceBatch) -> Tensor:
     return model(batch["tokens"], batch["position_ids"], None)
 
 
-def _response_logps(logits: Tensor, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
-    return response_sequence_logps(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"])
+def _response_logps(logits: Tensor, batch: PreferenceBatch) -> dict[str, tuple[Tensor, Tensor]]:
+    """{response name: (sums [B], lengths [B])} for the responses the batch stacks (``data.RESPONSES`` order)."""
+    sums, lengths = response_sequence_logps(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"])
+    groups = batch["tokens"].shape[0] // batch["row_ids"].shape[0]
+    return dict(zip(RESPONSES[:groups], zip(split_responses(sums, groups=groups),
+                                            split_responses(lengths, groups=groups), strict=True)))
 
 
-def _row_losses(logits: Tensor, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    sums, lengths = _response_logps(logits, batch)
-    chosen_sums, rejected_sums = split_pairs(sums)
-    chosen_lengths, rejected_lengths = split_pairs(lengths)
-    logps: losses.PreferenceLogps = {
-        "policy_chosen_logps": chosen_sums,
-        "policy_rejected_logps": rejected_sums,
-        "policy_chosen_lengths": chosen_lengths,
-        "policy_rejected_lengths": rejected_lengths,
-    }
+def _row_losses(logits: Tensor, batch: PreferenceBatch, loss: LossConfig,
+                wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
+    logps: losses.PreferenceLogps = {}
+    for name, (sums, lengths) in _response_logps(logits, batch).items():
+        logps[f"policy_{name}_logps"], logps[f"policy_{name}_lengths"] = sums, lengths
     logps.update({key: batch[key] for key in _REFERENCE_KEYS if key in batch})
     return losses.compute_loss(
         loss_type=loss.type,
@@ -67,13 +67,15 @@ def _row_losses(logits: Tensor, batch: PreferenceBatch, loss: LossConfig) -> tup
         clip=loss.clip,
         fusion=loss.fusion,
         include_pivot_init=loss.include_pivot_init,
+        wrpo_alpha=wrpo_alpha,
     )
 
 
-def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
+                    wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Last stage: response ``logits [1, n, V/TP]`` -> (mean loss over the B rows, metrics averaged over the rows,
-    plus ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``)."""
-    row_losses, row_metrics = _row_losses(logits, batch, loss)
+    plus ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``). ``wrpo_alpha``: WRPO's current alpha."""
+    row_losses, row_metrics = _row_losses(logits, batch, loss, wrpo_alpha)
     mean_loss = row_losses.mean()
     # The schedule divides the returned loss in place: report a copy (NOTES.md).
     reported = {"loss": mean_loss.detach().clone()}
@@ -82,19 +84,20 @@ def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig)
     return mean_loss, reported
 
 
-def evaluation_rows(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def evaluation_rows(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
+                    wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward-only evaluation: per-row loss and metrics ``[B]`` with their row ids, so duplicates can be dropped."""
-    row_losses, row_metrics = _row_losses(logits, batch, loss)
+    row_losses, row_metrics = _row_losses(logits, batch, loss, wrpo_alpha)
     rows = {"row_ids": batch["row_ids"], "loss": row_losses.detach()}
     rows.update({name: value.detach().float() for name, value in row_metrics.items()})
     return torch.zeros((), device=logits.device), rows
 
 
 def sequence_scores(logits: Tensor, *, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward-only scoring (pivot init): per-row response sums, keyed by row id; no loss."""
-    sums, _ = _response_logps(logits, batch)
-    chosen_sums, rejected_sums = split_pairs(sums)
-    scores = {"row_ids": batch["row_ids"], "chosen_logps": chosen_sums.detach(), "rejected_logps": rejected_sums.detach()}
+    """Forward-only scoring (pivot init): per-row sums ``{name}_logps`` of every response the batch stacks (chosen,
+    rejected, WRPO's chosen_pivot), keyed by row id; no loss."""
+    scores = {"row_ids": batch["row_ids"]}
+    scores.update({f"{name}_logps": sums.detach() for name, (sums, _) in _response_logps(logits, batch).items()})
     return torch.zeros((), device=logits.device), scores
 
 
@@ -108,12 +111,12 @@ def _forward_step_with(loss_func: Callable, **loss_kwargs) -> Callable:
     return forward_step
 
 
-def training_forward_step(loss: LossConfig) -> Callable:
-    return _forward_step_with(preference_loss, loss=loss)
+def training_forward_step(loss: LossConfig, *, wrpo_alpha: float) -> Callable:
+    return _forward_step_with(preference_loss, loss=loss, wrpo_alpha=wrpo_alpha)
 
 
-def evaluation_forward_step(loss: LossConfig) -> Callable:
-    return _forward_step_with(evaluation_rows, loss=loss)
+def evaluation_forward_step(loss: LossConfig, *, wrpo_alpha: float) -> Callable:
+    return _forward_step_with(evaluation_rows, loss=loss, wrpo_alpha=wrpo_alpha)
 
 
 scoring_forward_step = _forward_step_with(sequence_scores)

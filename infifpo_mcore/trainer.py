@@ -25,7 +25,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from infifpo_mcore import checkpointing, monitoring, pivot_card, step_guard
+from infifpo_mcore import checkpointing, losses, monitoring, pivot_card, step_guard
 from infifpo_mcore.config import (
     ConfigError,
     InfiFPOConfig,
@@ -34,7 +34,8 @@ from infifpo_mcore.config import (
     to_dict,
     validate_layout,
 )
-from infifpo_mcore.data import PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs, load_preference_dataset
+from infifpo_mcore.data import (PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs,
+                                load_preference_dataset, responses_of)
 from infifpo_mcore.memory import STATE_BYTES, estimate_memory_per_rank, padded_vocab
 from infifpo_mcore.model import (
     build_pivot,
@@ -88,9 +89,10 @@ def _differences(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in zip(times, times[1:])]
 
 
-def _pair_tokens(example) -> int:
-    """Real (non-pad) tokens the pivot processes for one row: prompt + chosen, prompt + rejected."""
-    return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+def _row_tokens(example) -> int:
+    """Real (non-pad) tokens the pivot processes for one row: prompt + each response (chosen, rejected, and WRPO's
+    chosen_pivot)."""
+    return sum(len(example["prompt_ids"]) + len(example[f"{name}_ids"]) for name in responses_of(example))
 
 
 def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
@@ -133,6 +135,9 @@ class Trainer:
         self.precision = resolve_precision(cfg)
         self.run_dir = Path(cfg.run_dir)
         self.online_sources = cfg.sources.num_ranks > 0
+        self.is_wrpo = str(cfg.loss.type) == "wrpo"
+        # Sequences per row in a micro-batch (chosen, rejected, and WRPO's chosen_pivot): the pipeline's p2p shapes.
+        self.responses_per_row = 3 if self.is_wrpo else 2
         tokenizer = build_tokenizer(
             type=str(cfg.tokenizer.type), path=cfg.tokenizer.path, chat_template=cfg.tokenizer.chat_template
         )
@@ -189,6 +194,7 @@ class Trainer:
             max_prompt_length=self.cfg.data.max_prompt_length,
             num_sources=len(self.cfg.sources.models) or None,
             skip_invalid=self.cfg.data.skip_invalid_rows,
+            chosen_pivot=self.is_wrpo,
         )
         if dataset.skipped and self.ctx.rank == 0:
             self._report_skipped_rows(path, dataset)
@@ -242,7 +248,8 @@ class Trainer:
         """What each rank should need (heaviest pipeline stage), printed at start so a misfit shows before OOM."""
         return estimate_memory_per_rank(
             model=self.cfg.model, tensor=self.ctx.tensor, pipeline=self.ctx.pipeline, data=self.ctx.data,
-            micro_batch_size=self.cfg.train.micro_batch_size, seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, responses_per_row=self.responses_per_row,
+            seq_length=self.cfg.model.seq_length,
             precision=self.precision, distributed_optimizer=use_distributed_optimizer(),
             vocab_size=self.unpadded_vocab_size,
             fused_attention=transformer_engine_available(),
@@ -273,18 +280,24 @@ class Trainer:
             )
 
     def _needs_init_scores(self, split: _Split) -> bool:
-        """DPO/IPO and InfiFPO's clipping need pivot-init scores; computed once when the data has none cached.
+        """DPO/IPO/WRPO and InfiFPO's clipping need pivot-init scores; computed once when the data has none cached.
+        WRPO scores all three responses itself (the cache has no chosen_pivot scores), ignoring cached ref_*.
 
         Only an untrained pivot can give them: a run resumed past step 0 must find them in its checkpoint.
         """
-        if split.dataset.has_init_logps or split.init_scores is not None:
-            return False
-        loss = self.cfg.loss
-        needed = (loss.clip or loss.include_pivot_init) if str(loss.type) == "infifpo" else str(loss.type) in ("dpo", "ipo")
+        if self.is_wrpo:
+            needed = split.init_scores is None or "chosen_pivot_logps" not in split.init_scores
+            what = "of the chosen_pivot responses (WRPO)"
+        else:
+            loss = self.cfg.loss
+            needed = not (split.dataset.has_init_logps or split.init_scores is not None) and (
+                (loss.clip or loss.include_pivot_init) if str(loss.type) == "infifpo"
+                else str(loss.type) in ("dpo", "ipo"))
+            what = "(add ref_* scores to that data or start from step 0)"
         if needed and self.step > 0:
             raise ConfigError(
                 f"checkpoint {self.cfg.checkpoint.load} (step {self.step}) has no pivot-init scores for the {split.name} "
-                f"data and the pivot is no longer at its init; add ref_* scores to that data or start from step 0"
+                f"data {what} and the pivot is no longer at its init"
             )
         return needed
 
@@ -295,8 +308,8 @@ class Trainer:
         )
         rows = torch.as_tensor(indices)
         if split.init_scores is not None:
-            batch["init_chosen_logps"] = split.init_scores["chosen_logps"][rows]
-            batch["init_rejected_logps"] = split.init_scores["rejected_logps"][rows]
+            for name in responses_of(split.dataset[indices[0]]):
+                batch[f"init_{name}_logps"] = split.init_scores[f"{name}_logps"][rows]
         if split.source_scores is not None:
             # float32 like the offline path's cached JSON numbers, so both modes give the same batch
             batch.update(zip(SCORE_FIELDS, split.source_scores[rows].float().unbind(1)))
@@ -309,7 +322,7 @@ class Trainer:
             model=self.model[0],
             num_microbatches=len(batches),
             seq_length=self.cfg.model.seq_length,
-            micro_batch_size=2 * self.cfg.train.micro_batch_size,  # chosen + rejected of each row
+            micro_batch_size=self.responses_per_row * self.cfg.train.micro_batch_size,  # sequences per micro-batch
             decoder_seq_length=self.cfg.model.seq_length,
             forward_only=forward_only,
         )
@@ -363,7 +376,9 @@ class Trainer:
         """Loss and metrics of the held-out split, every row counted once; on every rank."""
         if self.eval_data.source_scores is not None:
             self.eval_data.source_scores = self.score_receiver.eval_scores()
-        rows = self._forward_only_rows(evaluation_forward_step(self.cfg.loss), self.eval_data)
+        # after step k, evaluate with the alpha step k trained with
+        forward_step = evaluation_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(step=self.step))
+        rows = self._forward_only_rows(forward_step, self.eval_data)
         return _from_last_stage(
             {f"eval/{key}": values.float().mean().item() for key, values in rows.items()} if rows else None
         )
@@ -384,7 +399,9 @@ class Trainer:
         for split in (self.train_data, self.eval_data):
             prefix = "" if split is self.train_data else "eval/"
             if split is not None and f"{prefix}chosen_logps" in saved:
-                split.init_scores = {key: saved[prefix + key] for key in ("chosen_logps", "rejected_logps")}
+                # chosen, rejected and (a WRPO run's) chosen_pivot
+                split.init_scores = {key.removeprefix(prefix): value for key, value in saved.items()
+                                     if key.startswith(prefix) and "/" not in key.removeprefix(prefix)}
         if self.ctx.rank == 0:
             logger.info("loaded %s (step %d)", path, self.step)
 
@@ -428,7 +445,7 @@ class Trainer:
         for _ in range(self.micro_batches):
             indices = [next(self.row_order) for _ in range(mbs)]
             batches.append(self._batch(indices))
-            tokens += sum(_pair_tokens(self.train_data.dataset[i]) for i in indices)
+            tokens += sum(_row_tokens(self.train_data.dataset[i]) for i in indices)
         total = torch.tensor([tokens], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
         return batches, int(total.item())
@@ -441,7 +458,8 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(training_forward_step(self.cfg.loss), batches, forward_only=False)
+        forward_step = training_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(step=self.step + 1))
+        outputs = self._run_schedule(forward_step, batches, forward_only=False)
         clock.append(time.perf_counter())
         bad_reason, self.agreed_stop = self._step_verdict(outputs)
         self.step += 1
@@ -460,6 +478,12 @@ class Trainer:
         # This rank's step time: data (incl. waiting for scores) / forward-backward through the pipeline / optimizer.
         metrics.update(zip(("time/data", "time/forward_backward", "time/optimizer"), _differences(clock)))
         return metrics
+
+    def _wrpo_alpha(self, *, step: int) -> float:
+        """WRPO's alpha for optimizer step ``step`` (from 1; 0 for other losses, which ignore it)."""
+        if not self.is_wrpo:
+            return 0.0
+        return losses.wrpo_alpha(target=self.cfg.loss.wrpo_alpha, step=step, steps=self.cfg.train.steps)
 
     def _step_verdict(self, outputs: list[dict]) -> tuple[str, int]:
         """Agreed by every training rank: why this step must not update ('' when it may), and the stop signal any

@@ -325,3 +325,91 @@ def test_bundled_fused_data_is_the_same_rows_scored_by_two_sources_with_their_ow
                 # trained models: per token far above chance (-log(49,152) = -10.8, -log(262,144) = -12.5)
                 assert all(length >= 1 and -8.0 < total / length < 0.0 for total, length in
                            zip(example[f"source_{kind}_logps"], example[f"source_{kind}_lengths"]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# WRPO's second chosen response (chosen_pivot)
+def test_wrpo_chosen_pivot_in_both_forms_is_tokenised_and_collated_last(tmp_path, tokenizer):
+    conversation = [{"role": "user", "content": "What is 2 + 2?"}]
+    path = write_rows(
+        tmp_path, trl_row(chosen_pivot="Four."),
+        {"chosen": conversation + [{**ANSWER, "content": "It is 4."}],
+         "rejected": conversation + [{**ANSWER, "content": "It is 5."}],
+         "chosen_pivot": conversation + [{**ANSWER, "content": "Four."}]})
+    wrpo = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
+                                   chosen_pivot=True)
+    assert [row.chosen_pivot for row in wrpo.rows] == ["Four.", "Four."]
+    assert wrpo[0]["chosen_pivot_ids"] == wrpo[1]["chosen_pivot_ids"] == tokenizer.encode_response("Four.")
+    batch = collate_pairs([wrpo[0], wrpo[1]], seq_length=64, pad_id=tokenizer.pad_id)
+    assert batch["tokens"].shape == (6, 64) and batch["row_ids"].tolist() == [0, 1]
+    prompt = len(wrpo[0]["prompt_ids"])
+    pivot_rows = batch["tokens"][4:, prompt:prompt + len(wrpo[0]["chosen_pivot_ids"])]
+    assert pivot_rows.tolist() == [wrpo[0]["chosen_pivot_ids"]] * 2
+    assert batch["loss_mask"][4:].sum(dim=1).tolist() == [len(wrpo[0]["chosen_pivot_ids"])] * 2
+    # Other losses validate the field but leave it out of their batches.
+    dpo = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
+    assert "chosen_pivot_ids" not in dpo[0]
+    assert collate_pairs([dpo[0]], seq_length=64, pad_id=tokenizer.pad_id)["tokens"].shape == (2, 64)
+    with pytest.raises(ValueError, match="carry different responses"):
+        collate_pairs([wrpo[0], dpo[1]], seq_length=64, pad_id=tokenizer.pad_id)
+
+
+def test_wrpo_chosen_pivot_problems_are_reported_with_file_line_and_field(tmp_path, tokenizer):
+    conversation = [{"role": "user", "content": "q"}]
+    path = write_rows(
+        tmp_path,
+        trl_row(chosen_pivot="Four."),
+        trl_row(chosen_pivot="It is 5."),
+        trl_row(chosen_pivot=""),
+        trl_row(chosen_pivot=[{"role": "user", "content": "Four."}]),
+        trl_row(),
+        {"chosen": conversation + [{**ANSWER, "content": "a"}], "rejected": conversation + [{**ANSWER, "content": "b"}],
+         "chosen_pivot": [{"role": "user", "content": "other"}, {**ANSWER, "content": "c"}]},
+        {"chosen": conversation + [{**ANSWER, "content": "a"}], "rejected": conversation + [{**ANSWER, "content": "b"}],
+         "chosen_pivot": "c"},
+        trl_row(chosen_pivt="Four."))
+    where = str(path)
+    expected = [
+        f"{where}:2 chosen_pivot: identical to rejected",
+        f"{where}:3 chosen_pivot: expected a non-empty string or a non-empty list of messages",
+        f"{where}:4 chosen_pivot: expected exactly one assistant message, got roles ['user']",
+        f"{where}:5 chosen_pivot: missing (loss.type=wrpo needs the pivot's own chosen response in every row)",
+        f"{where}:6 chosen_pivot: expected the 1 prompt message(s) chosen and rejected share, followed by one "
+        "assistant message",
+        f"{where}:7 chosen_pivot: expected a conversation like chosen's (the rows have no prompt field)",
+        f"{where}:8 chosen_pivt: unknown field, did you mean 'chosen_pivot'?",
+        f"{where}:8 chosen_pivot: missing (loss.type=wrpo needs the pivot's own chosen response in every row)",
+    ]
+    with pytest.raises(DataError) as caught:
+        load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
+                                chosen_pivot=True)
+    assert caught.value.problems == expected
+    # Other losses do not need it, but a chosen_pivot that is there is still checked.
+    assert problems_of(path) == [problem for problem in expected if "missing" not in problem]
+    # data.skip_invalid_rows: the rows with wrpo-field problems are left out and listed.
+    kept = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
+                                   chosen_pivot=True, skip_invalid=True)
+    assert len(kept) == 1 and kept.num_skipped_rows == 7 and kept.skipped == expected
+
+
+def test_wrpo_refuses_data_without_any_chosen_pivot_naming_file_and_field(tmp_path, tokenizer):
+    path = write_rows(tmp_path, trl_row(), trl_row(prompt="Hi"))
+    for skip_invalid in (False, True):
+        with pytest.raises(DataError, match=rf"{path}: no row has a chosen_pivot field, which loss.type=wrpo needs"):
+            load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
+                                    chosen_pivot=True, skip_invalid=skip_invalid)
+
+
+def test_wrpo_chosen_pivot_is_truncated_like_the_responses_and_must_still_differ(tmp_path, tokenizer):
+    long_prefix = "one two three four five six seven eight nine ten " * 3
+    path = write_rows(tmp_path, trl_row(chosen="A", rejected=long_prefix + "end", chosen_pivot=long_prefix + "fin"),
+                      trl_row(prompt="Hi", chosen="A", rejected="B", chosen_pivot=long_prefix))
+    prompt = len(tokenizer.encode_prompt([{"role": "user", "content": "What is 2 + 2?"}]))
+    with pytest.raises(DataError, match=r":1 chosen_pivot: identical to rejected in the first \d+ response tokens"):
+        load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=prompt + 12, max_prompt_length=None,
+                                chosen_pivot=True)
+    dataset = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=prompt + 12, max_prompt_length=None,
+                                      chosen_pivot=True, skip_invalid=True)
+    (example,) = dataset.examples
+    assert len(example["prompt_ids"]) + len(example["chosen_pivot_ids"]) == prompt + 12
+    assert dataset.num_truncated == 1

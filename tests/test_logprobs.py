@@ -1,9 +1,10 @@
+import pytest
 import torch
 
 from infifpo_mcore.logprobs import (
     response_positions,
     response_sequence_logps,
-    split_pairs,
+    split_responses,
     vocab_parallel_token_logps,
 )
 from tests.distributed import run_distributed
@@ -56,7 +57,14 @@ def test_response_positions_are_sequence_major():
     assert response_positions(mask).tolist() == [[False, True], [True, False], [True, True]]
 
 
-def test_split_pairs_takes_chosen_first_half():
-    chosen, rejected = split_pairs(torch.arange(6))
+def test_split_responses_takes_chosen_first_half():
+    chosen, rejected = split_responses(torch.arange(6), groups=2)
     assert chosen.tolist() == [0, 1, 2]
     assert rejected.tolist() == [3, 4, 5]
+
+
+def test_split_responses_puts_wrpo_chosen_pivot_rows_last():
+    chosen, rejected, chosen_pivot = split_responses(torch.arange(6), groups=3)
+    assert (chosen.tolist(), rejected.tolist(), chosen_pivot.tolist()) == ([0, 1], [2, 3], [4, 5])
+    with pytest.raises(ValueError, match="7 rows do not split into 3"):
+        split_responses(torch.arange(7), groups=3)

@@ -1,4 +1,4 @@
-"""Tests for infifpo_mcore.losses against a per-row hand computation of the InfiFPO / DPO / IPO formulas."""
+"""Tests for infifpo_mcore.losses against a per-row hand computation of the InfiFPO / DPO / IPO / WRPO formulas."""
 
 import itertools
 import math
@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from infifpo_mcore.losses import FUSION_STRATEGIES, LOSS_FUNCTIONS, compute_loss
+from infifpo_mcore.losses import FUSION_STRATEGIES, LOSS_FUNCTIONS, compute_loss, wrpo_alpha
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 POLICY_METRICS = ("logps/chosen", "logps/rejected")
@@ -316,7 +316,7 @@ def test_integer_lengths_and_float32_scores_are_accepted():
 
 
 def test_loss_table_lists_every_loss_type():
-    assert set(LOSS_FUNCTIONS) == {"infifpo", "fpo", "dpo", "ipo"}
+    assert set(LOSS_FUNCTIONS) == {"infifpo", "fpo", "dpo", "ipo", "wrpo"}
 
 
 @pytest.mark.parametrize(
@@ -387,7 +387,8 @@ def test_zero_sources_are_reported():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"loss_type": "wrpo"}, r"unknown loss type 'wrpo'; expected one of \['dpo', 'fpo', 'infifpo', 'ipo'\]"),
+        ({"loss_type": "orpo"}, r"unknown loss type 'orpo'; expected one of \['dpo', 'fpo', 'infifpo', 'ipo', 'wrpo'\]"),
+        ({"wrpo_alpha": 1.5}, r"wrpo_alpha must be in \[0, 1\], got 1.5"),
         ({"fusion": "median"}, r"unknown fusion 'median'; expected one of \['mean', 'sum', 'max_margin'\]"),
         ({"beta": 0.0}, r"beta and ipo_tau must be > 0"),
         ({"loss_type": "ipo", "ipo_tau": -1.0}, r"beta and ipo_tau must be > 0"),
@@ -398,3 +399,123 @@ def test_invalid_settings_are_reported(overrides, message):
                     fusion="mean", include_pivot_init=False) | overrides
     with pytest.raises(ValueError, match=message):
         compute_loss(**settings)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# WRPO
+def wrpo_logps(*, seed: int) -> dict[str, torch.Tensor]:
+    """The random rows plus WRPO's second chosen response y_wt (the pivot's own), with its own pivot length."""
+    rng = random.Random(seed + 1000)
+    logps = to_logps(random_rows(seed=seed))
+    lengths = torch.tensor([float(rng.randint(3, 40)) for _ in range(len(logps["policy_chosen_logps"]))],
+                           dtype=torch.float64)
+    logps["policy_chosen_pivot_lengths"] = lengths
+    logps["policy_chosen_pivot_logps"] = torch.tensor([rng.uniform(-2.0, -0.2) for _ in lengths],
+                                                      dtype=torch.float64) * lengths
+    logps["init_chosen_pivot_logps"] = torch.tensor([rng.uniform(-2.0, -0.2) for _ in lengths],
+                                                    dtype=torch.float64) * lengths
+    return logps
+
+
+def _wrpo(logps, *, alpha, beta=0.3, length_norm=True):
+    return compute_loss(loss_type="wrpo", logps=logps, beta=beta, length_norm=length_norm, clip=True,
+                        fusion="max_margin", include_pivot_init=True, wrpo_alpha=alpha)
+
+
+@pytest.mark.parametrize("length_norm", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_wrpo_matches_hand_computation(alpha, length_norm):
+    logps = wrpo_logps(seed=20)
+    beta = 0.3
+    loss, metrics = _wrpo(logps, alpha=alpha, beta=beta, length_norm=length_norm)
+    for row in range(len(loss)):
+        def score(model, response, lengths):
+            value = logps[f"{model}_{response}_logps"][row].item()
+            return value / logps[f"policy_{lengths}_lengths"][row].item() if length_norm else value
+
+        delta = {response: score("policy", response, response) - score("init", response, response)
+                 for response in ("chosen", "rejected", "chosen_pivot")}
+        h = alpha * delta["chosen"] + (1 - alpha) * delta["chosen_pivot"] - delta["rejected"]
+        assert loss[row].item() == pytest.approx(-math.log(1 / (1 + math.exp(-beta * h))), rel=1e-12)
+        chosen_reward = beta * (alpha * delta["chosen"] + (1 - alpha) * delta["chosen_pivot"])
+        assert metrics["rewards/chosen"][row].item() == pytest.approx(chosen_reward, rel=1e-12)
+        assert metrics["rewards/rejected"][row].item() == pytest.approx(beta * delta["rejected"], rel=1e-12)
+        assert metrics["rewards/chosen_source"][row].item() == pytest.approx(beta * delta["chosen"], rel=1e-12)
+        assert metrics["rewards/chosen_pivot"][row].item() == pytest.approx(beta * delta["chosen_pivot"], rel=1e-12)
+        assert metrics["rewards/margins"][row].item() == pytest.approx(beta * h, rel=1e-9, abs=1e-12)
+        assert metrics["logps/chosen"][row].item() == pytest.approx(score("policy", "chosen", "chosen"))
+        assert metrics["logps/chosen_pivot"][row].item() == pytest.approx(score("policy", "chosen_pivot",
+                                                                                "chosen_pivot"))
+        assert metrics["wrpo/alpha"][row].item() == alpha
+    assert set(REWARD_METRICS + POLICY_METRICS) <= set(metrics)
+
+
+@pytest.mark.parametrize("length_norm", [False, True])
+def test_wrpo_at_alpha_0_is_dpo_on_the_pivot_chosen_and_at_alpha_1_dpo_on_the_source_chosen(length_norm):
+    logps = wrpo_logps(seed=21)
+    on_source = _wrpo(logps, alpha=1.0, length_norm=length_norm)
+    dpo = compute_loss(loss_type="dpo", logps=logps, beta=0.3, length_norm=length_norm, clip=False, fusion="mean",
+                       include_pivot_init=False)
+    pivot_as_chosen = dict(logps, policy_chosen_logps=logps["policy_chosen_pivot_logps"],
+                           policy_chosen_lengths=logps["policy_chosen_pivot_lengths"],
+                           init_chosen_logps=logps["init_chosen_pivot_logps"])
+    on_pivot = _wrpo(logps, alpha=0.0, length_norm=length_norm)
+    dpo_on_pivot = compute_loss(loss_type="dpo", logps=pivot_as_chosen, beta=0.3, length_norm=length_norm,
+                                clip=False, fusion="mean", include_pivot_init=False)
+    for (loss, metrics), (want_loss, want) in ((on_source, dpo), (on_pivot, dpo_on_pivot)):
+        torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            torch.testing.assert_close(metrics[name], want[name], rtol=0, atol=0)
+
+
+def test_wrpo_gradient_pushes_both_chosen_up_weighted_by_alpha_and_the_rejected_down():
+    logps = wrpo_logps(seed=22)
+    names = ("policy_chosen_logps", "policy_chosen_pivot_logps", "policy_rejected_logps")
+    leaves = {name: logps[name].clone().requires_grad_(True) for name in names}
+    alpha, beta = 0.25, 0.3
+    loss, metrics = _wrpo(logps | leaves, alpha=alpha, beta=beta, length_norm=False)
+    loss.sum().backward()
+    # dL/dh = -beta * sigmoid(-beta h); h = alpha s(y_ws) + (1 - alpha) s(y_wt) - s(y_l)
+    dh = -beta * torch.sigmoid(-metrics["rewards/margins"])
+    torch.testing.assert_close(leaves["policy_chosen_logps"].grad, alpha * dh)
+    torch.testing.assert_close(leaves["policy_chosen_pivot_logps"].grad, (1 - alpha) * dh)
+    torch.testing.assert_close(leaves["policy_rejected_logps"].grad, -dh)
+    assert (leaves["policy_chosen_logps"].grad < 0).all() and (leaves["policy_rejected_logps"].grad > 0).all()
+    assert not any(value.requires_grad for value in metrics.values())
+
+
+def test_wrpo_length_norm_divides_each_response_by_its_own_length():
+    logps = {name: torch.tensor([value]) for name, value in {
+        "policy_chosen_logps": -4.0, "policy_chosen_lengths": 4.0, "init_chosen_logps": -8.0,
+        "policy_rejected_logps": -6.0, "policy_rejected_lengths": 2.0, "init_rejected_logps": -6.0,
+        "policy_chosen_pivot_logps": -10.0, "policy_chosen_pivot_lengths": 10.0, "init_chosen_pivot_logps": -20.0,
+    }.items()}
+    _, metrics = _wrpo(logps, alpha=0.5, beta=1.0)
+    # D(y_ws) = -1 - -2 = 1, D(y_wt) = -1 - -2 = 1, D(y_l) = 0
+    assert metrics["rewards/chosen"].item() == pytest.approx(1.0)
+    assert metrics["rewards/margins"].item() == pytest.approx(1.0)
+    _, metrics = _wrpo(logps, alpha=0.5, beta=1.0, length_norm=False)
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.5 * 4.0 + 0.5 * 10.0)
+
+
+@pytest.mark.parametrize("length_norm, missing, reason", [
+    (False, "init_chosen_pivot_logps", "own chosen response y_wt"),
+    (False, "policy_chosen_pivot_logps", "own chosen response y_wt"),
+    (True, "policy_chosen_pivot_lengths", "length_norm=True"),
+    (False, "init_rejected_logps", "pivot init is the reference"),
+])
+def test_wrpo_missing_keys_name_the_key(length_norm, missing, reason):
+    logps = wrpo_logps(seed=23)
+    del logps[missing]
+    with pytest.raises(ValueError, match=rf"loss type 'wrpo' needs {missing}.*{reason}"):
+        _wrpo(logps, alpha=0.5, length_norm=length_norm)
+
+
+def test_wrpo_alpha_ramps_linearly_to_the_target_at_the_last_step():
+    assert [wrpo_alpha(target=0.8, step=step, steps=4) for step in range(0, 6)] == pytest.approx(
+        [0.0, 0.2, 0.4, 0.6, 0.8, 0.8])
+    assert wrpo_alpha(target=0.0, step=3, steps=4) == 0.0
+    for bad in (dict(target=1.5, step=1, steps=4), dict(target=0.5, step=1, steps=0),
+                dict(target=0.5, step=-1, steps=4)):
+        with pytest.raises(ValueError, match="need 0 <= target <= 1"):
+            wrpo_alpha(**bad)

@@ -111,6 +111,10 @@ def test_activation_hand_count():
     unfused = activation_bytes(model=SMALL, tensor=1, pipeline=1, stage=0, micro_batch_size=2, seq_length=32,
                                precision="bf16", vocab_size=VOCAB, fused_attention=False)
     assert unfused == 4 * (per_layer + 2 * 4 * 32 * 32 * 4) + logits
+    # WRPO: three responses per row, b = 6 sequences; every term is linear in b
+    wrpo = activation_bytes(model=SMALL, tensor=1, pipeline=1, stage=0, micro_batch_size=2, seq_length=32,
+                            precision="bf16", vocab_size=VOCAB, responses_per_row=3)
+    assert 2 * wrpo == 3 * (4 * per_layer + logits)
 
 
 def test_korthikanti_formula_for_a_gpt3_shaped_layer():

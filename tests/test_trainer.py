@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from infifpo_mcore.monitoring import REQUIRED_STEP_KEYS
 from tests.launcher import REPO, read_metrics, run_training
@@ -62,9 +64,10 @@ def step1_checkpoint(small_data, tmp_path_factory) -> Path:
     return root / "ckpt"
 
 
-def _continue(small_data, checkpoint, run_dir, *, nproc, tensor, pipeline, steps=STEPS, save=None) -> list[dict]:
+def _continue(small_data, checkpoint, run_dir, *, nproc, tensor, pipeline, steps=STEPS, save=None,
+              extra=()) -> list[dict]:
     extra = [f"checkpoint.load={checkpoint}", f"train.steps={steps}", f"parallel.tensor={tensor}",
-             f"parallel.pipeline={pipeline}"]
+             f"parallel.pipeline={pipeline}", *extra]
     if save:
         extra.append(f"checkpoint.save={save}")
     run_training(nproc=nproc, overrides=_overrides(small_data, run_dir, *extra))
@@ -165,3 +168,68 @@ def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(small_data, tmp_path
     with pytest.raises(AssertionError, match=r"model.vocab_size \(1000\) is smaller than the tokenizer's vocabulary"):
         run_training(nproc=1, overrides=_overrides(small_data, tmp_path, "model.vocab_size=1000", "parallel.tensor=1",
                                                    "parallel.pipeline=1", "train.steps=2"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# WRPO: a third response per row (the pivot's own chosen one) through the pipeline, its init scores in checkpoints
+WRPO = ["loss.type=wrpo", "loss.wrpo_alpha=0.6", "loss.length_norm=true", "loss.beta=1.0"]
+
+
+@pytest.fixture(scope="module")
+def wrpo_data(small_data, tmp_path_factory) -> Path:
+    """The small rows (train and eval.jsonl) with a chosen_pivot: the correct answer phrased differently."""
+    directory = tmp_path_factory.mktemp("wrpo")
+    for name, source in (("prefs.jsonl", small_data), ("eval.jsonl", small_data.with_name("eval.jsonl"))):
+        rows = [json.loads(line) for line in source.read_text().splitlines()]
+        for row in rows:
+            answer = row["chosen"][0]["content"].removeprefix("The answer is ")
+            row["chosen_pivot"] = [{"role": "assistant", "content": f"So the result is {answer}"}]
+        (directory / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory / "prefs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def wrpo_step1_checkpoint(wrpo_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wrpo_step1")
+    run_training(nproc=1, overrides=_overrides(wrpo_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
+                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
+                                               *WRPO))
+    return root / "ckpt"
+
+
+def test_wrpo_at_tp2_pp2_equals_tp1_resuming_with_the_init_scores_of_the_pivot_chosen(
+    wrpo_data, wrpo_step1_checkpoint, tmp_path
+):
+    from safetensors.torch import load_file
+
+    saved = load_file(wrpo_step1_checkpoint / "iter_0000001" / "pivot_init_scores.safetensors")
+    assert saved["chosen_pivot_logps"].shape == (24,) and saved["eval/chosen_pivot_logps"].shape == (5,)
+    assert (saved["chosen_pivot_logps"] < 0).all() and not torch.equal(saved["chosen_pivot_logps"],
+                                                                         saved["chosen_logps"])
+    runs = {}
+    for name, (nproc, tensor, pipeline) in {"tp1": (1, 1, 1), "tp2pp2": (4, 2, 2)}.items():
+        # Resumed at step 1, the pivot is no longer its init: the y_wt reference can only come from the checkpoint.
+        runs[name] = _continue(wrpo_data, wrpo_step1_checkpoint, tmp_path / name, nproc=nproc, tensor=tensor,
+                               pipeline=pipeline, extra=WRPO)
+    _assert_same_losses(runs["tp2pp2"], runs["tp1"], rtol=1e-5)
+    tp1 = runs["tp1"]
+    assert [m["wrpo/alpha"] for m in tp1] == pytest.approx([0.6 * step / STEPS for step in range(2, STEPS + 1)])
+    assert all(math.isfinite(m["loss"]) for m in tp1) and len({round(m["loss"], 6) for m in tp1}) == len(tp1)
+    for m in tp1:
+        mixed = m["wrpo/alpha"] * m["rewards/chosen_source"] + (1 - m["wrpo/alpha"]) * m["rewards/chosen_pivot"]
+        assert m["rewards/chosen"] == pytest.approx(mixed, rel=1e-5, abs=1e-6)
+        if "eval/loss" in m:  # evaluated with the alpha of the step it follows
+            assert m["eval/wrpo/alpha"] == m["wrpo/alpha"]
+
+
+def test_wrpo_refuses_data_without_chosen_pivot_and_a_checkpoint_without_its_init_scores(
+    small_data, wrpo_data, step1_checkpoint, tmp_path
+):
+    with pytest.raises(AssertionError, match=rf"{small_data}: no row has a chosen_pivot field, which loss.type=wrpo"):
+        run_training(nproc=1, overrides=_overrides(small_data, tmp_path / "a", "parallel.tensor=1",
+                                                   "parallel.pipeline=1", "train.steps=2", *WRPO))
+    # The DPO checkpoint holds init scores of chosen and rejected only, and its pivot has trained a step.
+    with pytest.raises(AssertionError, match=r"no pivot-init scores for the train data of the chosen_pivot"):
+        run_training(nproc=1, overrides=_overrides(wrpo_data, tmp_path / "b", f"checkpoint.load={step1_checkpoint}",
+                                                   "parallel.tensor=1", "parallel.pipeline=1", "train.steps=2",
+                                                   *WRPO))

@@ -82,7 +82,7 @@ def _guard_scenarios(ctx, *, data, root):
 def trainer_forward_step(cfg):
     from infifpo_mcore.train_step import training_forward_step
 
-    return training_forward_step(cfg.loss)
+    return training_forward_step(cfg.loss, wrpo_alpha=0.0)  # the test trains DPO
 
 
 def test_bad_steps_are_skipped_logged_and_too_many_in_a_row_stop_the_run(data, tmp_path):
