@@ -40,6 +40,8 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from safetensors.torch import load_file, save_file
 
+from infifpo_mcore.config import ConfigError
+from infifpo_mcore.memory import STATE_BYTES
 from infifpo_mcore.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,20 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def check_disk_space(*, root: Path, parameters: int, precision: str) -> None:
+    """Refuses to start when the checkpoint disk cannot hold one checkpoint: the weights and the optimizer state
+    (Adam's moments, + fp32 master weights in bf16) per parameter as memory.STATE_BYTES counts them."""
+    weight_bytes, _, optimizer_bytes = STATE_BYTES[precision]
+    needed = parameters * (weight_bytes + optimizer_bytes)
+    existing = next(parent for parent in (root, *root.parents) if parent.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ConfigError(
+            f"checkpoint.save={root}: one checkpoint needs ~{needed / 2**30:.1f} GiB "
+            f"({parameters:,} parameters), only {free / 2**30:.1f} GiB free on {existing}"
+        )
 
 
 def iteration_dir(root: Path, step: int) -> Path:

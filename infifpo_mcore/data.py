@@ -574,3 +574,18 @@ class ResumableSampler:
             raise ValueError(f"sampler state consumed={state['consumed']} rows, not a multiple of data-parallel "
                              f"size {self.dp_size}")
         self.consumed = int(state["consumed"])
+
+
+def report_skipped_rows(*, dataset: PreferenceDataset, path: str | Path, run_dir: Path) -> Path:
+    """data.skip_invalid_rows: the count and the first problems in the log, every problem in
+    ``<run_dir>/skipped_rows.<file name>.txt`` (returned)."""
+    listing = run_dir / f"skipped_rows.{Path(path).name}.txt"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text("".join(problem + "\n" for problem in dataset.skipped))
+    shown = dataset.skipped[:10]
+    logger.warning(
+        "data.skip_invalid_rows: skipped %d invalid row(s) of %s, kept %d; all %d problem(s) are listed in %s:\n  %s%s",
+        dataset.num_skipped_rows, path, len(dataset), len(dataset.skipped), listing, "\n  ".join(shown),
+        "\n  ..." if len(dataset.skipped) > len(shown) else "",
+    )
+    return listing

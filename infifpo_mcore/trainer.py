@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,8 +34,8 @@ from infifpo_mcore.config import (
     validate_layout,
 )
 from infifpo_mcore.data import (PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs,
-                                load_preference_dataset, responses_of)
-from infifpo_mcore.memory import STATE_BYTES, estimate_memory_per_rank, padded_vocab
+                                load_preference_dataset, report_skipped_rows, responses_of)
+from infifpo_mcore.memory import estimate_memory_per_rank, padded_vocab
 from infifpo_mcore.model import (
     build_pivot,
     build_transformer_config,
@@ -197,7 +196,7 @@ class Trainer:
             chosen_pivot=self.is_wrpo,
         )
         if dataset.skipped and self.ctx.rank == 0:
-            self._report_skipped_rows(path, dataset)
+            report_skipped_rows(dataset=dataset, path=path, run_dir=self.run_dir)
         if self.online_sources and dataset.num_sources:
             raise ConfigError(
                 f"{path} carries source scores (fuse_*) and sources.num_ranks={self.cfg.sources.num_ranks} would "
@@ -231,19 +230,6 @@ class Trainer:
                     split.source_scores = torch.zeros((len(split.dataset), 4, self.num_sources), dtype=torch.float64)
         return receiver
 
-    def _report_skipped_rows(self, path: str, dataset: PreferenceDataset) -> None:
-        """data.skip_invalid_rows: the count and the first problems in the log, every problem in a file."""
-        listing = self.run_dir / f"skipped_rows.{Path(path).name}.txt"
-        listing.parent.mkdir(parents=True, exist_ok=True)
-        listing.write_text("".join(problem + "\n" for problem in dataset.skipped))
-        shown = dataset.skipped[:10]
-        logger.warning(
-            "data.skip_invalid_rows: skipped %d invalid row(s) of %s, kept %d; all %d problem(s) are listed in "
-            "%s:\n  %s%s",
-            dataset.num_skipped_rows, path, len(dataset), len(dataset.skipped), listing, "\n  ".join(shown),
-            "\n  ..." if len(dataset.skipped) > len(shown) else "",
-        )
-
     def _memory_estimate(self):
         """What each rank should need (heaviest pipeline stage), printed at start so a misfit shows before OOM."""
         return estimate_memory_per_rank(
@@ -263,21 +249,12 @@ class Trainer:
         dist.barrier()
 
     def _check_checkpoint_space(self, root: Path) -> None:
-        """Refuses to start when the checkpoint disk cannot hold one checkpoint: the weights and the optimizer state
-        (Adam's moments, + fp32 master weights in bf16) per parameter as memory.STATE_BYTES counts them."""
         local = sum(p.numel() for p in self.model[0].parameters())
         total = torch.tensor([local], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(total)
-        parameters = int(total.item()) // self.ctx.data  # each data-parallel replica holds the whole model
-        weight_bytes, _, optimizer_bytes = STATE_BYTES[self.precision]
-        needed = parameters * (weight_bytes + optimizer_bytes)
-        existing = next(parent for parent in (root, *root.parents) if parent.exists())
-        free = shutil.disk_usage(existing).free
-        if free < needed:
-            raise ConfigError(
-                f"checkpoint.save={root}: one checkpoint needs ~{needed / 2**30:.1f} GiB "
-                f"({parameters:,} parameters), only {free / 2**30:.1f} GiB free on {existing}"
-            )
+        # each data-parallel replica holds the whole model
+        checkpointing.check_disk_space(root=root, parameters=int(total.item()) // self.ctx.data,
+                                       precision=self.precision)
 
     def _needs_init_scores(self, split: _Split) -> bool:
         """DPO/IPO/WRPO and InfiFPO's clipping need pivot-init scores; computed once when the data has none cached.
