@@ -10,6 +10,7 @@ Resumable: an interrupted run scores only what is missing (see README, "Scoring 
 """
 
 import argparse
+import os
 from pathlib import Path
 
 from infifpo_mcore.config import load_config
@@ -28,7 +29,8 @@ def main() -> None:
     args = parser.parse_args()
     for name in ("smollm2-135m-instruct", "gemma-3-270m"):
         print(f"{name}: {packaged_model_dir(name)}", flush=True)
-    data = REPO / "launch" / "data"
+    os.chdir(REPO)  # repo-relative paths: the sidecar records where the rows came from, not this machine's layout
+    data = Path("launch") / "data"
     for split in args.splits:
         source_file, output_file = SPLITS[split]
         cfg = load_config(path=CONFIG, overrides=[f"data.path={data / source_file}",
