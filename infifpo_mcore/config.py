@@ -195,6 +195,7 @@ class TrainConfig:
     seed: int = 1234
     precision: Precision = Precision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
     eval_interval: int | None = None  # steps between evaluations of data.eval_path (None: only after the last step)
+    eval_on_start: bool = False  # also evaluate before the first step (the pivot as loaded; logged as step 0)
     # Steps with NaN/inf in the loss or gradients are skipped (no update); this many in a row stop the run.
     max_consecutive_bad_steps: int = 5
 
@@ -212,6 +213,9 @@ class LoggingConfig:
     """Where metrics go besides <run_dir>/metrics.jsonl (always written) and TensorBoard (<run_dir>/tensorboard)."""
     wandb_project: str | None = None  # set: also log to Weights & Biases (needs `pip install wandb`)
     wandb_run_name: str | None = None  # None: the run_dir's name
+    # Every evaluation also writes <run_dir>/eval_rows/step_NNNNNN.jsonl: each held-out row's id, loss, metrics and
+    # policy log-probs (sums and token counts), e.g. to compute multiple-choice accuracy over a question's pairs.
+    eval_rows: bool = False
 
 
 @dataclass

@@ -94,6 +94,16 @@ class MetricsLogger:
         self.close()
 
 
+def write_eval_rows(*, path: Path, dataset: Sequence[Mapping[str, Any]], rows: Mapping[str, torch.Tensor]) -> None:
+    """One JSON line per held-out row, in dataset order: its ``id`` and each per-row evaluation output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {key: values.tolist() for key, values in rows.items()}
+    with path.open("w", encoding="utf-8") as out:
+        for index in range(len(dataset)):
+            entry = {"id": dataset[index]["id"], **{key: values[index] for key, values in columns.items()}}
+            out.write(json.dumps(entry) + "\n")
+
+
 def _open_wandb(settings: WandbSettings, *, run_dir: Path) -> Any:
     """A W&B run in ``run_dir`` (its files under ``run_dir/wandb``); WANDB_MODE=offline works without a network."""
     import wandb

@@ -53,10 +53,12 @@ def _response_logps(logits: Tensor, batch: PreferenceBatch) -> dict[str, tuple[T
                                             split_responses(lengths, groups=groups), strict=True)))
 
 
-def _row_losses(logits: Tensor, batch: PreferenceBatch, loss: LossConfig,
+def _row_losses(responses: dict[str, tuple[Tensor, Tensor]], batch: PreferenceBatch, loss: LossConfig,
                 wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """``responses``: ``_response_logps``'s output, computed once per micro-batch (the vocab-parallel log-softmax
+    works on the logits in place, so a second pass over the same logits would read garbage)."""
     logps: losses.PreferenceLogps = {}
-    for name, (sums, lengths) in _response_logps(logits, batch).items():
+    for name, (sums, lengths) in responses.items():
         logps[f"policy_{name}_logps"], logps[f"policy_{name}_lengths"] = sums, lengths
     logps.update({key: batch[key] for key in _REFERENCE_KEYS if key in batch})
     return losses.compute_loss(
@@ -75,7 +77,7 @@ def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
                     wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Last stage: response ``logits [1, n, V/TP]`` -> (mean loss over the B rows, metrics averaged over the rows,
     plus ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``). ``wrpo_alpha``: WRPO's current alpha."""
-    row_losses, row_metrics = _row_losses(logits, batch, loss, wrpo_alpha)
+    row_losses, row_metrics = _row_losses(_response_logps(logits, batch), batch, loss, wrpo_alpha)
     mean_loss = row_losses.mean()
     # The schedule divides the returned loss in place: report a copy (NOTES.md).
     reported = {"loss": mean_loss.detach().clone()}
@@ -86,10 +88,18 @@ def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
 
 def evaluation_rows(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
                     wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward-only evaluation: per-row loss and metrics ``[B]`` with their row ids, so duplicates can be dropped."""
-    row_losses, row_metrics = _row_losses(logits, batch, loss, wrpo_alpha)
+    """Forward-only evaluation: per-row loss and metrics ``[B]`` with their row ids, so duplicates can be dropped;
+    also the policy's own log-probs (sums, token counts) and ``policy_margin``, its chosen - rejected per-token
+    log-prob: a held-out measure that, unlike the rewards, does not depend on the loss's reference."""
+    responses = _response_logps(logits, batch)
+    row_losses, row_metrics = _row_losses(responses, batch, loss, wrpo_alpha)
     rows = {"row_ids": batch["row_ids"], "loss": row_losses.detach()}
     rows.update({name: value.detach().float() for name, value in row_metrics.items()})
+    for name in ("chosen", "rejected"):
+        sums, lengths = responses[name]
+        rows[f"policy_{name}_logps"], rows[f"policy_{name}_lengths"] = sums.detach().float(), lengths.float()
+    rows["policy_margin"] = (rows["policy_chosen_logps"] / rows["policy_chosen_lengths"]
+                             - rows["policy_rejected_logps"] / rows["policy_rejected_lengths"])
     return torch.zeros((), device=logits.device), rows
 
 

@@ -356,6 +356,10 @@ class Trainer:
         # after step k, evaluate with the alpha step k trained with
         forward_step = evaluation_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(step=self.step))
         rows = self._forward_only_rows(forward_step, self.eval_data)
+        if rows and self.cfg.logging.eval_rows and parallel_state.get_tensor_model_parallel_rank() == 0 \
+                and self.ctx.data_rank == 0:
+            monitoring.write_eval_rows(path=self.run_dir / "eval_rows" / f"step_{self.step:06d}.jsonl",
+                                       dataset=self.eval_data.dataset, rows=rows)
         return _from_last_stage(
             {f"eval/{key}": values.float().mean().item() for key, values in rows.items()} if rows else None
         )
@@ -542,6 +546,9 @@ class Trainer:
         started = time.perf_counter()
         self.stop.install()
         try:
+            if self.eval_data is not None and cfg.train.eval_on_start and self.step == 0:
+                metrics_logger.log(step=0, metrics=self.evaluate())
+                throughput.restart_clock()
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
                 metrics["tokens_per_sec"] = throughput.step(tokens=int(metrics.pop("tokens")))

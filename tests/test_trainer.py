@@ -137,6 +137,36 @@ def test_infifpo_max_margin_at_tp2_pp2_equals_tp1_and_reports_fusion(
         assert 0.0 <= metrics["fusion/clip_rate_chosen"] <= 1.0
 
 
+def test_eval_on_start_and_per_row_dumps_cover_every_held_out_row_once(small_data, tmp_path):
+    """Pipeline 2 x data-parallel 2 over 5 held-out rows: the shares are padded, the dump still has each row once,
+    in file order, and its rows average to the logged evaluation metrics."""
+    run_training(nproc=4, overrides=_overrides(small_data, tmp_path, "train.steps=2", "parallel.tensor=1",
+                                                "parallel.pipeline=2", "train.eval_on_start=true",
+                                                "logging.eval_rows=true"))
+    metrics = {m["step"]: m for m in read_metrics(tmp_path)}
+    assert "loss" not in metrics[0] and "eval/loss" in metrics[0]  # step 0: the evaluation only
+    ids = [json.loads(line).get("id", index + 1)
+           for index, line in enumerate(small_data.with_name("eval.jsonl").read_text().splitlines())]
+    dumps = {}
+    for step in (0, 2):
+        rows = [json.loads(line) for line in (tmp_path / "eval_rows" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+        assert [row["id"] for row in rows] == ids
+        for key in ("loss", "policy_margin", "rewards/accuracies"):
+            assert sum(row[key] for row in rows) / len(rows) == pytest.approx(metrics[step][f"eval/{key}"], abs=1e-5)
+        for row in rows:
+            assert row["policy_chosen_lengths"] >= 1 and row["policy_chosen_logps"] < 0
+            # DPO without length norm reports the policy's sums as logps/*: the same numbers, from one pass
+            assert row["policy_chosen_logps"] == pytest.approx(row["logps/chosen"], abs=1e-4)
+            assert row["policy_rejected_logps"] == pytest.approx(row["logps/rejected"], abs=1e-4)
+            assert row["policy_margin"] == pytest.approx(
+                row["policy_chosen_logps"] / row["policy_chosen_lengths"]
+                - row["policy_rejected_logps"] / row["policy_rejected_lengths"], abs=1e-5)
+        dumps[step] = rows
+    # DPO's reference is the pivot init: before any step every reward is 0; training then moves the log-probs
+    assert all(row["rewards/chosen"] == pytest.approx(0.0, abs=1e-5) for row in dumps[0])
+    assert all(a["policy_chosen_logps"] != b["policy_chosen_logps"] for a, b in zip(dumps[0], dumps[2]))
+
+
 def test_the_checkpoint_records_the_train_state(step1_checkpoint):
     state = json.loads((step1_checkpoint / "iter_0000001" / "train_state.json").read_text())
     assert state["step"] == 1 and state["sampler"]["consumed"] == 4
@@ -220,6 +250,24 @@ def test_wrpo_at_tp2_pp2_equals_tp1_resuming_with_the_init_scores_of_the_pivot_c
         assert m["rewards/chosen"] == pytest.approx(mixed, rel=1e-5, abs=1e-6)
         if "eval/loss" in m:  # evaluated with the alpha of the step it follows
             assert m["eval/wrpo/alpha"] == m["wrpo/alpha"]
+
+
+def test_wrpo_whose_pivot_chosen_is_the_chosen_trains_exactly_as_dpo(small_data, tmp_path):
+    """y_wt = y_ws makes WRPO's margin alpha*D(y_w) + (1 - alpha)*D(y_w) - D(y_l): DPO's, whatever alpha; the whole
+    pipeline (a third response per row, its init scores, the alpha ramp) must then give DPO's steps."""
+    rows = [json.loads(line) for line in small_data.read_text().splitlines()]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(row | {"chosen_pivot": row["chosen"]}) + "\n" for row in rows))
+    runs = {}
+    for loss in ("dpo", "wrpo"):
+        run_training(nproc=1, overrides=_overrides(data, tmp_path / loss, "parallel.tensor=1", "parallel.pipeline=1",
+                                                   "train.steps=3", "data.eval_path=null", f"loss.type={loss}",
+                                                   "loss.wrpo_alpha=0.7", "loss.length_norm=false", "loss.beta=0.5"))
+        runs[loss] = read_metrics(tmp_path / loss)
+    for got, want in zip(runs["wrpo"], runs["dpo"], strict=True):
+        for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key  # alpha*x + (1-alpha)*x: rounding
+    assert runs["wrpo"][-1]["wrpo/alpha"] == pytest.approx(0.7)
 
 
 def test_wrpo_refuses_data_without_chosen_pivot_and_a_checkpoint_without_its_init_scores(
