@@ -33,6 +33,8 @@ import inspect
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,9 +43,11 @@ from pathlib import Path
 
 import torch
 
+from infifpo_mcore.checkpointing import LATEST
 from infifpo_mcore.config import InfiFPOConfig, SourceConfig, auto_precision
 from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows
 from infifpo_mcore.parallel import local_device
+from infifpo_mcore.pivot_card import CARD_FILE
 from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError, build_tokenizer, resolve_path
 
 logger = logging.getLogger(__name__)
@@ -85,7 +89,8 @@ def _file_sample(path: Path) -> list[bytes | str]:
 
 
 def resolve_model_dir(source: SourceConfig) -> Path:
-    """The directory of ``source.path`` (a plain path or ``pkg://package/dir``), checked to hold the weights."""
+    """The directory of ``source.path`` (a plain path or ``pkg://package/dir``), checked to hold the weights: a HF
+    model directory (or the GGUF file in it), or a Megatron-Core checkpoint (see ``is_megatron_checkpoint``)."""
     anchor = source.gguf_file or "config.json"
     if source.path.startswith("pkg://"):
         try:
@@ -93,10 +98,42 @@ def resolve_model_dir(source: SourceConfig) -> Path:
         except ValueError as error:
             raise SourceError(f"source {source.name!r}: {error}") from None
     directory = Path(source.path).expanduser()
+    if is_megatron_checkpoint(directory):
+        if source.gguf_file:
+            raise SourceError(f"source {source.name!r}: {directory} is a Megatron-Core checkpoint; gguf_file "
+                              f"({source.gguf_file}) applies to HF model directories only")
+        return directory
     if not (directory / anchor).is_file():
         raise SourceError(f"source {source.name!r}: {directory / anchor} not found (path must be a model directory "
-                          f"holding {'gguf_file' if source.gguf_file else 'config.json and the weights'})")
+                          f"holding {'gguf_file' if source.gguf_file else 'config.json and the weights'}, or a "
+                          "Megatron-Core checkpoint)")
     return directory
+
+
+def is_megatron_checkpoint(directory: Path) -> bool:
+    """A checkpoint root (its ``latest`` pointer) or one ``iter_*`` directory of this trainer or of
+    checkpoints_tools/hf_to_mcore.py (its pivot card)."""
+    return (directory / LATEST).is_file() or (directory / CARD_FILE).is_file()
+
+
+# torchrun's variables: a tool started from a rank must set up its own one-process world, not join the job's
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                       "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def export_megatron_source(*, name: str, checkpoint: Path, out_dir: Path) -> Path:
+    """A Megatron-Core checkpoint source as a HF model directory in ``out_dir``, written by
+    checkpoints_tools/mcore_to_hf.py (bit-exact weights, the tokenizer files the checkpoint carries) in a process of
+    its own: the export builds Megatron's parallel state, which must not meet this process's groups."""
+    env = {key: value for key, value in os.environ.items() if key not in _LAUNCHER_VARIABLES}
+    command = [sys.executable, "-m", "checkpoints_tools.mcore_to_hf", "--ckpt", str(checkpoint), "--out", str(out_dir)]
+    logger.info("source %r: exporting the Megatron-Core checkpoint %s to HF for scoring", name, checkpoint)
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:]
+        raise SourceError(f"source {name!r}: exporting the Megatron-Core checkpoint {checkpoint} to HF failed "
+                          f"({' '.join(command)}): {' '.join(detail)}")
+    return out_dir
 
 
 def weights_fingerprint(*, model_dir: Path, gguf_file: str | None) -> str:
@@ -145,8 +182,11 @@ class PreparedSource:
 
 
 def prepare_source(source: SourceConfig, *, device: torch.device, workdir: Path) -> PreparedSource:
-    """Build the source's tokenizer (a GGUF source's own is exported to ``workdir``) and fingerprint it all."""
+    """Build the source's tokenizer (a GGUF source's own is exported to ``workdir``) and fingerprint it all; a
+    Megatron-Core checkpoint is exported to a HF directory in ``workdir`` first and scored from there."""
     model_dir = resolve_model_dir(source)
+    if is_megatron_checkpoint(model_dir):
+        model_dir = export_megatron_source(name=source.name, checkpoint=model_dir, out_dir=workdir / "hf")
     precision = resolve_precision(name=source.name, precision=str(source.precision), device=device)
     tokenizer_path = source.tokenizer.path
     if tokenizer_path is None and source.gguf_file:

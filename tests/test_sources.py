@@ -108,6 +108,24 @@ def test_scores_equal_a_direct_transformers_computation(tiny_sources, data):
     _assert_same_scores(_scored(scorer, rows), _direct_logps(Path(tiny_sources[1]["path"]), rows))
 
 
+def test_a_megatron_checkpoint_source_scores_as_its_hf_original(tiny_sources, data, tmp_path):
+    """Converted to Megatron-Core (checkpoints_tools/hf_to_mcore.py, the card carries the tokenizer files), the same
+    model scored from the checkpoint root and from its iter_* directory gives the HF directory's scores."""
+    hf_dir = Path(tiny_sources[1]["path"])
+    subprocess.run([sys.executable, str(REPO / "checkpoints_tools" / "hf_to_mcore.py"), "--hf", str(hf_dir),
+                    "--out", str(tmp_path / "ckpt")], check=True, capture_output=True)
+    rows = read_preference_rows(data)[-4:]
+    expected = _scored(build_scorer(prepare_source(SourceConfig(**tiny_sources[1]), device=CPU, workdir=tmp_path),
+                                    device=CPU, batch_tokens=300), rows)
+    for index, path in enumerate((tmp_path / "ckpt", tmp_path / "ckpt" / "iter_0000000")):
+        source = prepare_source(SourceConfig(name="qwen-mcore", path=str(path)), device=CPU,
+                                workdir=tmp_path / f"work{index}")
+        _assert_same_scores(_scored(build_scorer(source, device=CPU, batch_tokens=300), rows), expected)
+    with pytest.raises(SourceError, match="Megatron-Core checkpoint; gguf_file"):
+        prepare_source(SourceConfig(name="x", path=str(tmp_path / "ckpt"), gguf_file="model.gguf"), device=CPU,
+                       workdir=tmp_path / "gguf")
+
+
 def test_fp8_without_hopper_and_transformer_engine_is_refused_with_the_way_out():
     with pytest.raises(SourceError, match=r"source 'big': precision fp8 needs .*no CUDA device.*Use precision bf16"):
         resolve_precision(name="big", precision="fp8", device=CPU)
