@@ -140,7 +140,7 @@ def _pivot_answers(questions: list[dict], *, samples: int, seed: int) -> dict[st
     directory = packaged_model_dir(PIVOT)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True).eval()
     found = {}
     batch = 16
     for start in range(0, len(questions), batch):
