@@ -145,6 +145,9 @@ class SourceConfig:
     gguf_file: str | None = None  # a GGUF file in `path` to load (dequantised by transformers) instead of HF weights
     tokenizer: SourceTokenizerConfig = field(default_factory=SourceTokenizerConfig)
     precision: SourcePrecision = SourcePrecision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
+    # Shard the model's layers over every rank that scores (the source group online, the torchrun ranks offline)
+    # by transformers' tensor-parallel plan: for a source too big for one device
+    tensor_parallel: bool = False
 
 
 @dataclass
@@ -424,6 +427,12 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                 problems.append(f"sources.models[{index}].{key}: must not be empty")
         if source.name in names[:index]:
             problems.append(f"sources.models[{index}].name: {source.name!r} is used twice (names key the score cache)")
+        if source.tensor_parallel and source.gguf_file:
+            problems.append(f"sources.models[{index}].tensor_parallel: a GGUF source is not sharded; export it to a "
+                            "HF directory first (infifpo_mcore.sources.export_gguf_as_hf) or set tensor_parallel false")
+        if source.tensor_parallel and source.precision == SourcePrecision.fp8:
+            problems.append(f"sources.models[{index}].tensor_parallel: FP8 sources (Transformer Engine layers) are "
+                            "not sharded; use precision bf16 or tensor_parallel false")
     return problems
 
 

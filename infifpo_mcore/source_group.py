@@ -24,9 +24,11 @@ The two sides agree on the global batches without talking: the source ranks load
 tokenizer (the same rows in the same order) and replay the trainer's ``ResumableSampler`` from the handshake position.
 
 Placement (``source_assignment``): with S source ranks and M sources, S <= M puts source i on rank i mod S, scoring
-every row; S > M puts source r mod M on rank r as one of its replicas, which split each batch's rows. Each rank fills
-its entries of a zero table and the tables are summed over the source group (every entry comes from one rank, so
-the sum is exact); the leader sends the result.
+every row; S > M puts source r mod M on rank r as one of its replicas, which split each batch's rows. A source with
+``tensor_parallel`` is sharded over all S ranks (transformers' tensor-parallel plan over the source group) and scores
+every row with all of them; the other sources are placed among themselves by the same rule. Each rank fills its
+entries of a zero table (a sharded source's on the first source rank only) and the tables are summed over the source
+group (every entry comes from one rank, so the sum is exact); the leader sends the result.
 
 Overlap: the sources score batch b + 1 while the pivot trains on batch b, and its send waits only for its grant. The
 wait, if any, shows in the step's ``time/data``.
@@ -41,6 +43,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from datetime import timedelta
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -164,17 +167,30 @@ class ScoreReceiver:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Source side
-def source_assignment(*, num_sources: int, group_size: int) -> list[list[tuple[int, int, int]]]:
-    """Per source rank: the (source index, replica, replicas) it holds (see the module docstring)."""
-    if group_size <= num_sources:
-        return [[(index, 0, 1) for index in range(rank, num_sources, group_size)] for rank in range(group_size)]
-    replicas = [len(range(index, group_size, num_sources)) for index in range(num_sources)]
-    return [[(rank % num_sources, rank // num_sources, replicas[rank % num_sources])] for rank in range(group_size)]
+def source_assignment(*, num_sources: int, group_size: int,
+                      sharded: Sequence[bool] = ()) -> list[list[tuple[int, int, int]]]:
+    """Per source rank: the (source index, replica, replicas) it holds, in source order (see the module docstring).
+    ``sharded[i]``: source i is tensor-parallel, held by every rank as one replica; the rest are placed among
+    themselves."""
+    whole = [index for index in range(num_sources) if not (index < len(sharded) and sharded[index])]
+    if group_size <= len(whole):
+        placement = [[(whole[j], 0, 1) for j in range(rank, len(whole), group_size)] for rank in range(group_size)]
+    elif whole:
+        replicas = [len(range(j, group_size, len(whole))) for j in range(len(whole))]
+        placement = [[(whole[rank % len(whole)], rank // len(whole), replicas[rank % len(whole)])]
+                     for rank in range(group_size)]
+    else:
+        placement = [[] for _ in range(group_size)]
+    # Every rank scores its sources in index order: a sharded source's forward, a collective, then starts on all
+    # of its ranks without any of them waiting inside another sharded one.
+    return [sorted(held + [(index, 0, 1) for index in range(num_sources) if index not in whole])
+            for held in placement]
 
 
 class _HeldSource:
-    def __init__(self, *, index: int, replica: int, replicas: int, scorer: SourceScorer):
+    def __init__(self, *, index: int, replica: int, replicas: int, scorer: SourceScorer, writes: bool):
         self.index, self.replica, self.replicas, self.scorer = index, replica, replicas, scorer
+        self.writes = writes  # False on the ranks of a sharded source but its first: one entry per row and source
 
 
 def _score_table(held: list[_HeldSource], rows: list[PreferenceRow], *, num_sources: int,
@@ -184,6 +200,8 @@ def _score_table(held: list[_HeldSource], rows: list[PreferenceRow], *, num_sour
     for source in held:
         positions = range(source.replica, len(rows), source.replicas)
         scores = source.scorer.score([rows[position] for position in positions])
+        if not source.writes:
+            continue
         for position, values in zip(positions, scores, strict=True):
             table[position, :, source.index] = torch.tensor(values, dtype=torch.float64)
     table = table.to(device)
@@ -254,11 +272,14 @@ def serve_sources(cfg: InfiFPOConfig, *, job: JobLayout) -> None:
     num_sources = len(cfg.sources.models)
     train_data, eval_data = load_training_data(cfg)
     held = []
+    sharded = [source.tensor_parallel for source in cfg.sources.models]
+    placement = source_assignment(num_sources=num_sources, group_size=group_size, sharded=sharded)[group_rank]
     with tempfile.TemporaryDirectory() as workdir:
-        for index, replica, replicas in source_assignment(num_sources=num_sources, group_size=group_size)[group_rank]:
+        for index, replica, replicas in placement:
             prepared = prepare_source(cfg.sources.models[index], device=job.device, workdir=Path(workdir) / str(index))
             scorer = build_scorer(prepared, device=job.device, batch_tokens=cfg.sources.batch_tokens)
-            held.append(_HeldSource(index=index, replica=replica, replicas=replicas, scorer=scorer))
+            held.append(_HeldSource(index=index, replica=replica, replicas=replicas, scorer=scorer,
+                                    writes=group_rank == 0 or not sharded[index]))
     logger.info("source rank %d holds %s", group_rank,
                 ", ".join(cfg.sources.models[source.index].name for source in held))
     leader = _Leader(job, timeout) if group_rank == 0 else None

@@ -18,7 +18,8 @@ Score cache ``<out>.cache/``:
     that moved or got another id keeps its scores.
 
 Layout: rows are cut into chunks of ``sources.chunk_rows`` in input order and chunk c goes to rank c mod world
-size. A chunk is scored and written as a unit, so a resumed (or re-laid-out) run scores the missing chunks in the
+size; a source with ``tensor_parallel`` is sharded over all ranks, which score every chunk together (rank 0 writes
+it). A chunk is scored and written as a unit, so a resumed (or re-laid-out) run scores the missing chunks in the
 same batches as an uninterrupted run would, and writes the same output (bit for bit with the same thread count).
 Rank 0 then writes ``<out>`` (input order, every input field kept) and ``<out>.sources.json`` (the fingerprints,
 in fuse_* order).
@@ -179,6 +180,7 @@ class PreparedSource:
     tokenizer: ChatTokenizer
     precision: str
     fingerprint: dict[str, str]
+    tensor_parallel: bool = False  # sharded over every rank of the default process group (``load_model``)
 
 
 def prepare_source(source: SourceConfig, *, device: torch.device, workdir: Path) -> PreparedSource:
@@ -212,18 +214,30 @@ def prepare_source(source: SourceConfig, *, device: torch.device, workdir: Path)
         "precision": precision,
     }
     return PreparedSource(name=source.name, model_dir=model_dir, gguf_file=source.gguf_file, tokenizer=tokenizer,
-                          precision=precision, fingerprint=fingerprint)
+                          precision=precision, fingerprint=fingerprint, tensor_parallel=source.tensor_parallel)
 
 
-def load_model(*, model_dir: Path, gguf_file: str | None, precision: str, device: torch.device) -> torch.nn.Module:
+def load_model(*, model_dir: Path, gguf_file: str | None, precision: str, device: torch.device,
+               tensor_parallel: bool = False) -> torch.nn.Module:
     """A transformers causal LM, frozen, in eval mode, on ``device``; a GGUF file is dequantised (slow: 15-90 s
-    for ~100M parameters on a CPU; ``export_gguf_as_hf`` keeps an fp32 copy that loads in a second or two)."""
+    for ~100M parameters on a CPU; ``export_gguf_as_hf`` keeps an fp32 copy that loads in a second or two).
+
+    ``tensor_parallel``: a collective over the default process group. Each rank loads only its shard of the
+    attention and MLP projections by the model family's own tensor-parallel plan (transformers shards over its whole
+    default group, which is why a source is sharded over every scoring rank or none); every rank then runs the
+    forward on the same batch and gets the full logits."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    sharding = {}
+    if tensor_parallel and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from transformers.distributed import DistributedConfig
+
+        # tp_size explicitly: left out, transformers takes WORLD_SIZE, the whole job rather than the source group
+        sharding = {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=torch.distributed.get_world_size())}
     # Weights from safetensors only (no pickled .bin); a GGUF file holds plain arrays.
     model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=dtype,
-                                                 use_safetensors=None if gguf_file else True)
+                                                 use_safetensors=None if gguf_file else True, **sharding)
     model.requires_grad_(False).eval().to(device)
     if precision == "fp8":
         _linear_layers_to_te(model)
@@ -358,9 +372,33 @@ class SourceScorer:
         return token_logps.double(), is_response
 
 
+def check_shardable(source: PreparedSource, *, ranks: int) -> None:
+    """A clear error, before any loading, where ``ranks`` shards cannot split the source's attention heads (the
+    tensor-parallel plan gives each rank whole heads; transformers would fail deep in the forward instead)."""
+    config = json.loads((source.model_dir / "config.json").read_text())
+    config = config.get("text_config", config)  # multimodal families (Gemma 3) keep the language model's apart
+    heads = config.get("num_attention_heads")
+    counts = {"attention heads": heads, "key/value heads": config.get("num_key_value_heads", heads)}
+    uneven = [f"{count} {what}" for what, count in counts.items() if count is not None and count % ranks]
+    if uneven:
+        raise SourceError(f"source {source.name!r}: tensor_parallel over {ranks} ranks cannot split its "
+                          f"{' and '.join(uneven)}; use a number of scoring ranks that divides them, or set "
+                          "tensor_parallel false")
+
+
 def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: int) -> SourceScorer:
+    """The source's model loaded (sharded when ``source.tensor_parallel``: a collective, see ``load_model``)."""
+    if source.tensor_parallel and torch.distributed.is_initialized():
+        check_shardable(source, ranks=torch.distributed.get_world_size())
     model = load_model(model_dir=source.model_dir, gguf_file=source.gguf_file, precision=source.precision,
-                       device=device)
+                       device=device, tensor_parallel=source.tensor_parallel)
+    if source.tensor_parallel and torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
+        from torch.distributed.tensor import DTensor
+
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        logger.info("source %r sharded over %d ranks: %.1f%% of its %d parameters on each rank", source.name,
+                    torch.distributed.get_world_size(), 100 * held / total, total)
     return SourceScorer(name=source.name, model=model, tokenizer=source.tokenizer, device=device,
                         batch_tokens=batch_tokens, fp8=source.precision == "fp8")
 
@@ -429,8 +467,9 @@ def _process_group() -> Iterator[tuple[int, int]]:
         yield 0, 1
         return
     # Ranks done with their chunks wait at a barrier for the slowest; the default timeout (30 min) would end a long
-    # scoring job after its work was done.
-    torch.distributed.init_process_group(backend="gloo", timeout=timedelta(hours=24))
+    # scoring job after its work was done. NCCL for the GPU tensors of a sharded source's forward.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend, timeout=timedelta(hours=24))
     try:
         yield torch.distributed.get_rank(), world
     finally:
@@ -484,13 +523,17 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
         _barrier(world)
         scored = cache.load()
         chunk = cfg.sources.chunk_rows
-        my_chunks = [range(start, min(start + chunk, len(rows))) for start in range(0, len(rows), chunk)][rank::world]
+        chunks = [range(start, min(start + chunk, len(rows))) for start in range(0, len(rows), chunk)]
         with cache.appender(rank=rank) as append:
             for source in sources:
                 done = scored.get(source.name, {})
-                todo = [[index for index in piece if keys[index] not in done] for piece in my_chunks]
-                _score_chunks(source, todo=[piece for piece in todo if piece], rows=rows, keys=keys, append=append,
-                              device=device, batch_tokens=cfg.sources.batch_tokens, rank=rank, world=world)
+                # A sharded source is one model over all ranks: they score every chunk together, rank 0 writes.
+                mine = chunks if source.tensor_parallel else chunks[rank::world]
+                todo = [[index for index in piece if keys[index] not in done] for piece in mine]
+                writes = rank == 0 or not source.tensor_parallel
+                _score_chunks(source, todo=[piece for piece in todo if piece], rows=rows, keys=keys,
+                              append=append if writes else None, device=device,
+                              batch_tokens=cfg.sources.batch_tokens, rank=rank, world=world)
         _barrier(world)
         if rank == 0:
             _write_output(out=out_path, rows=rows, keys=keys, data_path=data_path, sources=sources,
@@ -500,18 +543,24 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
 
 
 def _score_chunks(source: PreparedSource, *, todo: list[list[int]], rows: list[PreferenceRow], keys: list[str],
-                  append: Callable[..., None], device: torch.device, batch_tokens: int, rank: int,
+                  append: Callable[..., None] | None, device: torch.device, batch_tokens: int, rank: int,
                   world: int) -> None:
+    """Score the ``todo`` chunks and ``append`` each (None: a shard of a sharded source, whose rank 0 writes)."""
     if not todo:
         return
     from tqdm import tqdm
 
     scorer = build_scorer(source, device=device, batch_tokens=batch_tokens)
-    label = f"{source.name} (rank 0 of {world})" if world > 1 else source.name
+    if source.tensor_parallel and world > 1:
+        label = f"{source.name} (sharded over {world} ranks)"
+    else:
+        label = f"{source.name} (rank 0 of {world})" if world > 1 else source.name
     with tqdm(total=sum(map(len, todo)), desc=label, unit="row", disable=rank != 0, dynamic_ncols=True) as bar:
         for piece in todo:
             scores = scorer.score([rows[index] for index in piece])
-            append(source=source.name, scores={keys[index]: value for index, value in zip(piece, scores, strict=True)})
+            if append is not None:
+                append(source=source.name,
+                       scores={keys[index]: value for index, value in zip(piece, scores, strict=True)})
             bar.update(len(piece))
     del scorer
     gc.collect()  # free this source's weights before the next one loads

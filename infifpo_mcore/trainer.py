@@ -621,7 +621,7 @@ def train(cfg: InfiFPOConfig) -> monitoring.RunSummary | None:
     _refuse_unimplemented(cfg)
     validate_layout(cfg, world_size=world_size)
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) in (0, world_size - cfg.sources.num_ranks):  # and the source leader
         logging.getLogger("infifpo_mcore").setLevel(logging.INFO)
     job = join_job(source_ranks=cfg.sources.num_ranks, timeout_minutes=cfg.parallel.timeout_minutes,
                    bridge_timeout=timedelta(minutes=cfg.sources.timeout_minutes))

