@@ -244,15 +244,26 @@ def load_model(*, model_dir: Path, gguf_file: str | None, precision: str, device
     return model
 
 
+def fp8_gemm_fits(layer: torch.nn.Linear) -> bool:
+    """Whether Transformer Engine can run this layer's weight in an FP8 GEMM: it wants the weight's rows a multiple
+    of 8 and its columns of 16 (the tokens are padded to fit, ``SourceScorer``); a layer that does not fit stays in
+    bf16 rather than fail at the first forward."""
+    return layer.out_features % 8 == 0 and layer.in_features % 16 == 0
+
+
 def _linear_layers_to_te(model: torch.nn.Module) -> None:
     """Swap the transformer's nn.Linear layers (not the output head) for Transformer Engine ones, which run their
     matmuls in FP8 inside ``fp8_autocast``. Not yet run on a GPU; the CPU test box has neither FP8 nor TE."""
     import transformer_engine.pytorch as te
 
     head = model.get_output_embeddings()
+    kept = []
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear or child is head:
+                continue
+            if not fp8_gemm_fits(child):
+                kept.append(f"{child_name} {child.in_features}->{child.out_features}")
                 continue
             layer = te.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                               params_dtype=child.weight.dtype, device=child.weight.device)
@@ -261,6 +272,9 @@ def _linear_layers_to_te(model: torch.nn.Module) -> None:
                 if child.bias is not None:
                     layer.bias.copy_(child.bias)
             setattr(parent, child_name, layer)
+    if kept:
+        logger.warning("%d linear layers stay in bf16 (FP8 GEMMs need rows %% 8 and columns %% 16), e.g. %s",
+                       len(kept), kept[0])
 
 
 def export_gguf_as_hf(*, path: str, gguf_file: str, out_dir: Path) -> Path:
@@ -294,10 +308,14 @@ def length_batches(*, lengths: Sequence[int], batch_tokens: int) -> list[range]:
 class SourceScorer:
     """One source model with its chat tokenizer: response log-prob sums and token counts, forward only."""
 
+    # FP8 GEMMs need the token count (batch x length) a multiple of 16; left padding is masked, so free to add
+    FP8_LENGTH_MULTIPLE = 16
+
     def __init__(self, *, name: str, model: torch.nn.Module, tokenizer: ChatTokenizer, device: torch.device,
-                 batch_tokens: int, fp8: bool = False):
+                 batch_tokens: int, fp8: bool = False, length_multiple: int | None = None):
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.device, self.batch_tokens = device, batch_tokens
+        self.length_multiple = length_multiple or (self.FP8_LENGTH_MULTIPLE if fp8 else 1)
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         # logits_to_keep computes the output head only at the last positions (transformers >= 4.50 causal LMs)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -351,8 +369,9 @@ class SourceScorer:
     def response_token_logps(self, sequences: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, K-1]`` float64 per-token log-probs of B (ids, response length) sequences and the ``[B, K-1]`` mask
         of their response tokens (K = max response length + 1). The batch is left-padded so that every response ends
-        at the last position and only the last K positions need logits."""
-        length = max(len(ids) for ids, _ in sequences)
+        at the last position and only the last K positions need logits, to a length multiple of
+        ``length_multiple``."""
+        length = -(-max(len(ids) for ids, _ in sequences) // self.length_multiple) * self.length_multiple
         keep = max(response for _, response in sequences) + 1
         input_ids = torch.full((len(sequences), length), self.tokenizer.pad_id, dtype=torch.int64)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.int64)

@@ -21,7 +21,7 @@ import yaml
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
 from infifpo_mcore.sources import (PreparedSource, SourceError, SourceScorer, build_scorer, check_shardable,
-                                   length_batches, prepare_source, resolve_precision, score_sources)
+                                   fp8_gemm_fits, length_batches, prepare_source, resolve_precision, score_sources)
 from infifpo_mcore.tokenization import build_tokenizer
 from tests import source_models
 from tests.distributed import free_port
@@ -106,6 +106,30 @@ def test_scores_equal_a_direct_transformers_computation(tiny_sources, data):
     scorer = build_scorer(source, device=CPU, batch_tokens=300)
     rows = read_preference_rows(data)[-6:]  # the multi-turn and code rows among them
     _assert_same_scores(_scored(scorer, rows), _direct_logps(Path(tiny_sources[1]["path"]), rows))
+
+
+def test_fp8_length_padding_leaves_the_scores_unchanged(tiny_sources, data):
+    """The FP8 path pads every batch to a multiple of 16 tokens (TE's FP8 GEMM shape rule); the extra left padding
+    is masked, so the scores are those of the unpadded batches. Run in fp32 here: the padding, not FP8, is tested."""
+    source = prepare_source(SourceConfig(**tiny_sources[1]), device=CPU, workdir=Path("unused"))
+    plain = build_scorer(source, device=CPU, batch_tokens=300)
+    padded = SourceScorer(name="qwen", model=plain.model, tokenizer=plain.tokenizer, device=CPU, batch_tokens=300,
+                          length_multiple=SourceScorer.FP8_LENGTH_MULTIPLE)
+    lengths = []
+    hook = plain.model.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    rows = read_preference_rows(data)[-6:]
+    _assert_same_scores(_scored(padded, rows), _scored(plain, rows))
+    hook.remove()
+    padded_shapes = lengths[:len(lengths) // 2]
+    assert all(length % 16 == 0 for _, length in padded_shapes), padded_shapes
+    assert any(length % 16 for _, length in lengths[len(lengths) // 2:])  # the unpadded batches would not fit
+
+
+@pytest.mark.parametrize("in_features, out_features, fits", [(896, 4864, True), (896, 128, True), (100, 64, False),
+                                                             (64, 100, False)])
+def test_only_layers_whose_weight_fits_an_fp8_gemm_are_swapped(in_features, out_features, fits):
+    assert fp8_gemm_fits(torch.nn.Linear(in_features, out_features)) is fits
 
 
 def test_a_megatron_checkpoint_source_scores_as_its_hf_original(tiny_sources, data, tmp_path):
