@@ -126,6 +126,10 @@ class ParallelConfig:
     # A collective that waits longer ends the job with an error instead of hanging (torch.distributed and
     # Megatron's groups). Fractions of a minute are allowed.
     timeout_minutes: float = 10.0
+    # Data-parallel gradient all-reduce bucket by bucket during the last micro-batch's backward pass, instead of
+    # after it (Megatron DDP); the bucket size in parameters (null: Megatron's default, max(40M, 1M x DP size))
+    overlap_grad_reduce: bool = True
+    ddp_bucket_size: int | None = None
 
 
 @dataclass
@@ -376,7 +380,8 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                 "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta",
                 "data.max_prompt_length", "train.micro_batch_size",
                 "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval",
-                "checkpoint.keep_last", "train.max_consecutive_bad_steps", "parallel.timeout_minutes"]
+                "checkpoint.keep_last", "train.max_consecutive_bad_steps", "parallel.timeout_minutes",
+                "parallel.ddp_bucket_size"]
     non_negative = ["sources.num_ranks", "train.min_lr", "train.warmup_steps", "train.weight_decay",
                     "train.grad_clip", "train.seed"]
     for key in positive:

@@ -119,9 +119,13 @@ def set_response_positions(model: DistributedDataParallel, positions: torch.Tens
 
 
 def build_pivot(
-    *, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device
+    *, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device,
+    overlap_grad_reduce: bool = False, bucket_size: int | None = None,
 ) -> list[DistributedDataParallel]:
-    """This rank's pipeline stage of the pivot, DDP-wrapped, as the one-chunk list Megatron's optimizer expects."""
+    """This rank's pipeline stage of the pivot, DDP-wrapped, as the one-chunk list Megatron's optimizer expects.
+
+    ``overlap_grad_reduce``: each gradient bucket is all-reduced as soon as the last micro-batch's backward has
+    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses."""
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(config),
@@ -136,6 +140,10 @@ def build_pivot(
     if gpt.post_process:
         gpt.response_logits = ResponseOnlyLogits(gpt)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer()
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
+        use_distributed_optimizer=use_distributed_optimizer(),
     )
-    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)]
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)
+    if overlap_grad_reduce:
+        config.no_sync_func = ddp.no_sync
+    return [ddp]

@@ -155,7 +155,8 @@ class Trainer:
             model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision
         )
         self.model = build_pivot(
-            model=cfg.model, config=self.transformer_config, vocab_size=self.vocab_size, device=ctx.device
+            model=cfg.model, config=self.transformer_config, vocab_size=self.vocab_size, device=ctx.device,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, bucket_size=cfg.parallel.ddp_bucket_size,
         )
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision)
@@ -293,6 +294,10 @@ class Trainer:
         return {k: v.to(self.ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _run_schedule(self, forward_step, batches: list[PreferenceBatch], *, forward_only: bool) -> list[dict]:
+        if not forward_only:  # from zero gradients; also resets the overlapped reduce's per-bucket bookkeeping
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(batches),
@@ -436,9 +441,6 @@ class Trainer:
         clock = [time.perf_counter()]
         batches, tokens = self._next_global_batch()
         clock.append(time.perf_counter())
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
         forward_step = training_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(step=self.step + 1))
         outputs = self._run_schedule(forward_step, batches, forward_only=False)
         clock.append(time.perf_counter())

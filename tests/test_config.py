@@ -256,7 +256,8 @@ def test_to_dict_holds_plain_values():
     as_dict = to_dict(load_config(overrides=["loss.type=ipo"]))
     assert type(as_dict["loss"]["type"]) is str and as_dict["loss"]["type"] == "ipo"
     assert json.loads(json.dumps(as_dict)) == as_dict
-    assert as_dict["parallel"] == {"tensor": 1, "pipeline": 1, "virtual_pipeline": None, "timeout_minutes": 10.0}
+    assert as_dict["parallel"] == {"tensor": 1, "pipeline": 1, "virtual_pipeline": None, "timeout_minutes": 10.0,
+                                   "overlap_grad_reduce": True, "ddp_bucket_size": None}
 
 
 def test_save_then_load_round_trips(tmp_path):

@@ -1,4 +1,6 @@
+import pytest
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from infifpo_mcore.config import ModelConfig
 from infifpo_mcore.logprobs import response_positions, response_sequence_logps
@@ -6,9 +8,12 @@ from infifpo_mcore.model import build_pivot, build_transformer_config, set_respo
 from tests.distributed import run_distributed
 
 
+SMALL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+             seq_length=16)
+
+
 def _response_only_logits_equal_full_logits(ctx):
-    model_cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                            ffn_hidden_size=128, seq_length=16)
+    model_cfg = ModelConfig(**SMALL)
     config = build_transformer_config(model=model_cfg, tensor=1, pipeline=1, precision="fp32")
     (model,) = build_pivot(model=model_cfg, config=config, vocab_size=256, device=ctx.device)
     generator = torch.Generator().manual_seed(3)
@@ -34,3 +39,46 @@ def _response_only_logits_equal_full_logits(ctx):
 
 def test_response_only_output_projection_gives_the_full_logits_result():
     run_distributed(_response_only_logits_equal_full_logits, world_size=1)
+
+
+def _gradient_all_reduces_of_two_micro_batches(ctx, *, overlap: bool) -> None:
+    model_cfg = ModelConfig(**SMALL)
+    config = build_transformer_config(model=model_cfg, tensor=1, pipeline=1, precision="fp32")
+    (model,) = build_pivot(model=model_cfg, config=config, vocab_size=256, device=ctx.device,
+                           overlap_grad_reduce=overlap, bucket_size=20000)
+    set_response_positions(model, None)
+    buckets = len(model.bucket_groups)
+    calls = []
+    all_reduce = torch.distributed.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    def forward_step(data, chunk):
+        tokens = next(data)
+        return chunk(tokens, torch.arange(16).expand(2, 16), None), lambda logits: (logits.mean(), {})
+
+    generator = torch.Generator().manual_seed(ctx.rank)
+    for step in range(2):  # Megatron learns each bucket's gradient count in the first step and overlaps from the second
+        micro_batches = [torch.randint(0, 256, (2, 16), generator=generator) for _ in range(2)]
+        model.zero_grad_buffer()
+        if step == 1:
+            torch.distributed.all_reduce = counting_all_reduce
+        try:  # no finalize_model_grads_func: only what the backward hooks start is counted
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                                        model=model, num_microbatches=2, seq_length=16, micro_batch_size=2,
+                                        forward_only=False)
+        finally:
+            torch.distributed.all_reduce = all_reduce
+        model.finish_grad_sync()
+    # overlapped: each bucket once, during the last micro-batch's backward (the first ran under no_sync);
+    # not overlapped: nothing during the backward, finish_grad_sync reduces after it
+    assert buckets > 1 if overlap else buckets == 1
+    assert len(calls) == (buckets if overlap else 0), (calls, buckets)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlapped_gradient_reduce_starts_each_bucket_once_during_the_last_backward(overlap):
+    run_distributed(_gradient_all_reduces_of_two_micro_batches, world_size=2, overlap=overlap)

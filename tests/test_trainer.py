@@ -281,3 +281,20 @@ def test_wrpo_refuses_data_without_chosen_pivot_and_a_checkpoint_without_its_ini
         run_training(nproc=1, overrides=_overrides(wrpo_data, tmp_path / "b", f"checkpoint.load={step1_checkpoint}",
                                                    "parallel.tensor=1", "parallel.pipeline=1", "train.steps=2",
                                                    *WRPO))
+
+
+def test_overlapped_gradient_reduce_trains_exactly_as_the_reduce_after_backward(small_data, tmp_path):
+    """PP 2 x DP 2, two micro-batches per rank, buckets of 20k parameters (several per stage): the all-reduce bucket
+    by bucket during the last backward gives the gradients of the all-reduce after it."""
+    runs = {}
+    for overlap in (False, True):
+        run_dir = tmp_path / str(overlap)
+        run_training(nproc=4, overrides=_overrides(
+            small_data, run_dir, "train.steps=3", "parallel.tensor=1", "parallel.pipeline=2",
+            "train.micro_batch_size=1", f"parallel.overlap_grad_reduce={str(overlap).lower()}",
+            "parallel.ddp_bucket_size=20000"))
+        runs[overlap] = read_metrics(run_dir)
+    for plain, overlapped in zip(runs[False], runs[True], strict=True):
+        for key in ("loss", "grad_norm", "eval/loss"):
+            if key in plain:
+                assert overlapped[key] == pytest.approx(plain[key], rel=1e-6), (plain["step"], key)
