@@ -74,6 +74,13 @@ class LRSchedule(StrEnum):
     constant = "constant"
 
 
+class Recompute(StrEnum):
+    """Activation recomputation (Megatron's recompute_granularity): memory for compute."""
+    none = "none"
+    selective = "selective"  # the attention core (its s x s scores when attention is not fused)
+    full = "full"  # every transformer layer: only its input is kept, the rest recomputed in the backward pass
+
+
 class Precision(StrEnum):
     auto = "auto"
     fp32 = "fp32"
@@ -203,6 +210,7 @@ class TrainConfig:
     precision: Precision = Precision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
     eval_interval: int | None = None  # steps between evaluations of data.eval_path (None: only after the last step)
     eval_on_start: bool = False  # also evaluate before the first step (the pivot as loaded; logged as step 0)
+    recompute: Recompute = Recompute.none  # activation recomputation; see memory.py for what each keeps
     # Steps with NaN/inf in the loss or gradients are skipped (no update); this many in a row stop the run.
     max_consecutive_bad_steps: int = 5
 

@@ -41,6 +41,14 @@ Their terms, re-derived for this pivot with e bytes per activation element (2 in
                         attention scores: fused/flash attention keeps none;
                         unfused (Megatron's local spec) keeps the softmax output      e a s^2 b / t
 
+**Recomputation** (``train.recompute``): ``selective`` recomputes the attention core, so the unfused softmax output is
+not kept (fused attention keeps none anyway); ``full`` keeps only each layer's input, ``e s b h``, and recomputes the
+rest layer by layer in the backward pass, which holds one layer's activations of one micro-batch at a time (counted
+once, beside the in-flight micro-batches). Checked against a real Megatron ``GPTModel`` (``tests/test_memory.py``,
+saved-tensor hooks): with ``full`` it keeps exactly ``e s b h`` per layer. Without recomputation Megatron's local
+spec (CPU, GPUs without TE) keeps more than the count below, about 1.5x per layer at small shapes: it expands K and V
+to all heads for GQA and keeps SwiGLU's intermediates; the count is that of fused (TE) layers.
+
 The model trains with dropout 0, so the paper's dropout masks (``2 s b h + a s^2 b``) and the dropout output
 (``2 a s^2 b``) do not exist. With MHA, F = 4h, GeLU, unfused attention and the dropout terms added back this is the
 paper's formula exactly. The last stage adds the final norm input and the output-layer input (``2 e s b h``) and the
@@ -85,10 +93,11 @@ class MemoryEstimate:
     optimizer_bytes: int
     activation_bytes_per_microbatch: int
     microbatches_in_flight: int
+    recomputed_layer_bytes: int = 0  # full recomputation: the one layer being recomputed in the backward pass
 
     @property
     def activation_bytes(self) -> int:
-        return self.activation_bytes_per_microbatch * self.microbatches_in_flight
+        return self.activation_bytes_per_microbatch * self.microbatches_in_flight + self.recomputed_layer_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -102,7 +111,9 @@ class MemoryEstimate:
             ("optimizer", self.optimizer_bytes, f"Adam states ({sharding})"),
             ("activations", self.activation_bytes,
              f"{self.microbatches_in_flight} micro-batch(es) in flight x "
-             f"{self.activation_bytes_per_microbatch / GIB:.2f} GiB"),
+             f"{self.activation_bytes_per_microbatch / GIB:.2f} GiB"
+             + (f" + {self.recomputed_layer_bytes / GIB:.2f} GiB of the layer recomputed"
+                if self.recomputed_layer_bytes else "")),
             ("total", self.total_bytes, "before CUDA context, NCCL buffers and fragmentation"),
         ]
         lines = [f"estimated memory per rank, pipeline stage {self.stage} (TP {self.tensor} x PP {self.pipeline} x "
@@ -141,20 +152,34 @@ def stage_parameters(*, model: ModelConfig, vocab_size: int, tensor: int, pipeli
     return count
 
 
-def activation_bytes(*, model: ModelConfig, tensor: int, pipeline: int, stage: int, micro_batch_size: int,
-                     seq_length: int, precision: str, vocab_size: int, fused_attention: bool = True,
-                     responses_per_row: int = 2) -> int:
-    """Activations one micro-batch leaves on one rank of ``stage`` for its backward (module docstring formula)."""
+def layer_activation_bytes(*, model: ModelConfig, tensor: int, micro_batch_size: int, seq_length: int,
+                           precision: str, fused_attention: bool = True, responses_per_row: int = 2,
+                           recompute: str = "none") -> int:
+    """Activations one transformer layer keeps for one micro-batch on one rank (module docstring formula)."""
     element = _ELEMENT_BYTES[_precision(precision)]
     tokens = responses_per_row * micro_batch_size * seq_length  # s * b, with b = chosen + rejected (+ chosen_pivot)
     h, heads, groups = model.hidden_size, model.num_attention_heads, model.num_query_groups
+    if recompute == "full":
+        return element * tokens * h  # the layer's input only
     head_dim = h // heads
     gates = 2 if model.activation == "swiglu" else 1
     replicated = 4 * element * tokens * h
     split = element * tokens * ((heads + 2 * groups) * head_dim + h + model.ffn_hidden_size * (gates + 1))
-    if not fused_attention:
+    if not fused_attention and recompute != "selective":
         split += element * heads * seq_length * tokens  # softmax output a s^2 b
-    per_layer = replicated + split // tensor
+    return replicated + split // tensor
+
+
+def activation_bytes(*, model: ModelConfig, tensor: int, pipeline: int, stage: int, micro_batch_size: int,
+                     seq_length: int, precision: str, vocab_size: int, fused_attention: bool = True,
+                     responses_per_row: int = 2, recompute: str = "none") -> int:
+    """Activations one micro-batch leaves on one rank of ``stage`` for its backward (module docstring formula)."""
+    element = _ELEMENT_BYTES[_precision(precision)]
+    tokens = responses_per_row * micro_batch_size * seq_length
+    h = model.hidden_size
+    per_layer = layer_activation_bytes(model=model, tensor=tensor, micro_batch_size=micro_batch_size,
+                                       seq_length=seq_length, precision=precision, fused_attention=fused_attention,
+                                       responses_per_row=responses_per_row, recompute=recompute)
     total = model.num_layers // pipeline * per_layer
     if stage == pipeline - 1:
         padded = padded_vocab(model=model, vocab_size=vocab_size, tensor=tensor)
@@ -164,12 +189,14 @@ def activation_bytes(*, model: ModelConfig, tensor: int, pipeline: int, stage: i
 
 def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, data: int, micro_batch_size: int,
                              seq_length: int, precision: str, distributed_optimizer: bool, vocab_size: int,
-                             fused_attention: bool = True, responses_per_row: int = 2) -> MemoryEstimate:
+                             fused_attention: bool = True, responses_per_row: int = 2,
+                             recompute: str = "none") -> MemoryEstimate:
     """Memory of one rank of the heaviest pipeline stage (see the module docstring for every formula).
 
     ``precision``: 'bf16' or 'fp32' (resolve 'auto' first). ``vocab_size``: the tokenizer's (or model.vocab_size),
     padded here as the trainer pads it. ``fused_attention``: Transformer Engine / flash attention (no s^2 scores
     kept); False for Megatron's local layer spec. ``responses_per_row``: sequences per row (3 for WRPO).
+    ``recompute``: 'none', 'selective' or 'full' (``train.recompute``).
     """
     precision = _precision(precision)
     weight, gradient, optimizer = STATE_BYTES[precision]
@@ -186,8 +213,12 @@ def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, 
             activation_bytes_per_microbatch=activation_bytes(
                 model=model, tensor=tensor, pipeline=pipeline, stage=stage, micro_batch_size=micro_batch_size,
                 seq_length=seq_length, precision=precision, vocab_size=vocab_size, fused_attention=fused_attention,
-                responses_per_row=responses_per_row),
+                responses_per_row=responses_per_row, recompute=recompute),
             microbatches_in_flight=pipeline - stage,
+            recomputed_layer_bytes=layer_activation_bytes(
+                model=model, tensor=tensor, micro_batch_size=micro_batch_size, seq_length=seq_length,
+                precision=precision, fused_attention=fused_attention,
+                responses_per_row=responses_per_row) if recompute == "full" else 0,
         ))
     return max(estimates, key=lambda estimate: estimate.total_bytes)
 

@@ -44,7 +44,10 @@ def use_distributed_optimizer() -> bool:
     return torch.cuda.is_available() and distrib_optimizer.HAVE_APEX_OR_TE
 
 
-def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, precision: str) -> TransformerConfig:
+def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, precision: str,
+                             recompute: str = "none") -> TransformerConfig:
+    """``recompute``: 'none', 'selective' (Megatron's core-attention recomputation) or 'full' (every layer,
+    uniformly, one layer per checkpoint)."""
     activation, gated = _ACTIVATIONS[model.activation]
     dtype = _DTYPES[precision]
     on_gpu = torch.cuda.is_available()
@@ -77,6 +80,9 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        recompute_granularity=None if recompute == "none" else str(recompute),
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
     )
 
 

@@ -152,7 +152,8 @@ class Trainer:
         self.vocab_size = padded_vocab(model=cfg.model, vocab_size=self.unpadded_vocab_size, tensor=ctx.tensor)
         self.card = pivot_card.card_for_run(cfg, vocab_size=self.unpadded_vocab_size)  # saved with checkpoints
         self.transformer_config = build_transformer_config(
-            model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision
+            model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision,
+            recompute=cfg.train.recompute,
         )
         self.model = build_pivot(
             model=cfg.model, config=self.transformer_config, vocab_size=self.vocab_size, device=ctx.device,
@@ -239,7 +240,7 @@ class Trainer:
             seq_length=self.cfg.model.seq_length,
             precision=self.precision, distributed_optimizer=use_distributed_optimizer(),
             vocab_size=self.unpadded_vocab_size,
-            fused_attention=transformer_engine_available(),
+            fused_attention=transformer_engine_available(), recompute=str(self.cfg.train.recompute),
         )
 
     def _remove_incomplete_saves(self, root: Path) -> None:

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 
 from infifpo_mcore.config import ModelConfig
-from infifpo_mcore.memory import (GIB, activation_bytes, estimate_memory_per_rank, layer_parameters, padded_vocab,
-                                  stage_parameters)
+from infifpo_mcore.memory import (GIB, activation_bytes, estimate_memory_per_rank, layer_activation_bytes,
+                                  layer_parameters, padded_vocab, stage_parameters)
 from tests.distributed import run_distributed
 
 # h 64, 4 heads of 16, 2 KV groups, SwiGLU ffn 96, 4 layers, vocab 300 -> padded to 384 (128 x TP 1 or 3)
@@ -159,3 +159,63 @@ def test_padded_vocab_is_divisible_per_tensor_shard():
     assert padded_vocab(model=model, vocab_size=32000, tensor=2) == 32000
     assert padded_vocab(model=model, vocab_size=32001, tensor=2) == 32256
     assert padded_vocab(model=model, vocab_size=100, tensor=1) == 128
+
+
+def _saved_activation_bytes(ctx, *, recompute: str, num_layers: int) -> int:
+    """Bytes of the tensors autograd saves in one forward of a real GPTModel (parameters left out), one micro-batch
+    of 2 pairs (4 sequences of 32 tokens), fp32."""
+    import torch
+
+    from infifpo_mcore.model import build_pivot, build_transformer_config, set_response_positions
+
+    model = dataclasses.replace(SMALL, num_layers=num_layers)
+    config = build_transformer_config(model=model, tensor=1, pipeline=1, precision="fp32", recompute=recompute)
+    (ddp,) = build_pivot(model=model, config=config, vocab_size=384, device=ctx.device)
+    set_response_positions(ddp, None)
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in ddp.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = ddp(tokens, torch.arange(32).expand(4, 32), None)
+    logits.sum().backward()  # the recomputation runs (and works) on CPU
+    return sum(saved.values())
+
+
+def _per_layer_saved_bytes(ctx, *, results):
+    for recompute in ("none", "selective", "full"):
+        four, two = (_saved_activation_bytes(ctx, recompute=recompute, num_layers=layers) for layers in (4, 2))
+        results[recompute] = (four - two) // 2
+
+
+def test_full_recomputation_keeps_exactly_each_layer_input_in_a_real_megatron_gpt_model():
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").Manager().dict()
+    run_distributed(_per_layer_saved_bytes, world_size=1, results=results)
+    estimate = {recompute: layer_activation_bytes(model=SMALL, tensor=1, micro_batch_size=2, seq_length=32,
+                                                  precision="fp32", fused_attention=False, recompute=recompute)
+                for recompute in ("none", "selective", "full")}
+    assert results["full"] == estimate["full"] == 4 * 128 * 64  # fp32 x s b tokens x h
+    assert results["full"] < results["selective"] < results["none"]
+    # the local spec keeps more than the fused-layer count (GQA-expanded K and V, SwiGLU intermediates)
+    assert estimate["none"] < results["none"] < 1.6 * estimate["none"]
+
+
+def test_full_recomputation_counts_one_recomputed_layer_beside_the_micro_batches_in_flight():
+    model = dataclasses.replace(SMALL, num_layers=8)
+    none, full = _estimate(model=model, pipeline=2), _estimate(model=model, pipeline=2, recompute="full")
+    layer = layer_activation_bytes(model=model, tensor=1, micro_batch_size=2, seq_length=32, precision="bf16")
+    assert full.recomputed_layer_bytes == layer and none.recomputed_layer_bytes == 0
+    inputs = 4 * 2 * 128 * 64  # 4 layers of stage 0, bf16, s b = 128 tokens, h 64
+    assert activation_bytes(model=model, tensor=1, pipeline=2, stage=0, micro_batch_size=2, seq_length=32,
+                            precision="bf16", vocab_size=VOCAB, recompute="full") == inputs
+    assert full.activation_bytes == full.activation_bytes_per_microbatch * full.microbatches_in_flight + layer
+    assert full.activation_bytes < none.activation_bytes
+    assert "of the layer recomputed" in full.format()

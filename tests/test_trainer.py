@@ -298,3 +298,22 @@ def test_overlapped_gradient_reduce_trains_exactly_as_the_reduce_after_backward(
         for key in ("loss", "grad_norm", "eval/loss"):
             if key in plain:
                 assert overlapped[key] == pytest.approx(plain[key], rel=1e-6), (plain["step"], key)
+
+
+def test_recomputed_activations_train_exactly_as_kept_ones(small_data, tmp_path):
+    """PP 2: selective and full recomputation redo the forward in the backward pass and give the same losses and
+    gradient norms as keeping the activations."""
+    runs = {}
+    for recompute in ("none", "selective", "full"):
+        run_dir = tmp_path / recompute
+        result = run_training(nproc=2, overrides=_overrides(
+            small_data, run_dir, "train.steps=2", "parallel.tensor=1", "parallel.pipeline=2",
+            f"train.recompute={recompute}"))
+        runs[recompute] = read_metrics(run_dir)
+        if recompute == "full":
+            assert "of the layer recomputed" in result.stderr
+    for recompute in ("selective", "full"):
+        for kept, redone in zip(runs["none"], runs[recompute], strict=True):
+            for key in ("loss", "grad_norm", "eval/loss"):
+                if key in kept:
+                    assert redone[key] == pytest.approx(kept[key], rel=1e-6), (recompute, kept["step"], key)

@@ -12,6 +12,9 @@ functions, two mechanisms cover all of them without touching Megatron's code:
    tensors as their CUDA twins for Megatron's type asserts.
 2. ``torch.cuda`` runtime entry points Megatron calls are given CPU meanings: ``current_device`` -> 0 (then mapped to
    CPU by 1.), RNG state get/set/seed -> the CPU generator, ``synchronize`` / streams -> no-ops.
+3. The autograd engine runs backward functions without the mode of 1.; Megatron's activation recomputation
+   (``tensor_parallel.random.CheckpointFunction``, ``train.recompute``) re-runs forward code there (the causal mask
+   again), so its backward re-enters the mode.
 
 Nothing here runs when ``torch.cuda.is_available()``; a GPU process never sees these patches.
 """
@@ -91,6 +94,15 @@ def apply() -> None:
 
     mcore_random._get_cuda_rng_state = _cpu_rng_get
     mcore_random._set_cuda_rng_state = _cpu_rng_set
+
+    # Mechanism 3: the recomputation in the backward pass.
+    recompute_backward = mcore_random.CheckpointFunction.backward
+
+    def recompute_backward_on_cpu(ctx, *grads):
+        with _CudaToCpu():
+            return recompute_backward(ctx, *grads)
+
+    mcore_random.CheckpointFunction.backward = staticmethod(recompute_backward_on_cpu)
 
     _CudaToCpu().__enter__()  # Mechanism 1, for the life of the process.
     _applied = True
