@@ -12,8 +12,8 @@ peak (989 TFLOP/s on an H100 SXM), as the trainer reports it; on CPU there is no
   H100, issue #8 shapes:     python -m benchmarks.pivot_step --model llama-1b --seq-length 2048 --precision bf16 fp8
                              python -m benchmarks.pivot_step --model smollm2-135m --seq-length 2048 --precision bf16 fp8
 
-``--precision fp8`` is accepted and reported as not implemented: the trainer's pivot runs fp32 or bf16 only
-(train.precision auto|fp32|bf16); no FP8 figure is faked.
+``--precision fp8`` trains with ``train.precision=fp8`` (TE's FP8 GEMMs, bf16 weights); where FP8 cannot run (no FP8
+GPU or no Transformer Engine) it is reported as unavailable, with the reason, and no figure is faked.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import argparse
 
 from benchmarks import common
 from infifpo_mcore import monitoring
-
-FP8_PIVOT_MISSING = "fp8 pivot not implemented (train.precision is auto|fp32|bf16)"
+from infifpo_mcore.config import fp8_missing
+from infifpo_mcore.parallel import local_device
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -38,9 +38,10 @@ def measure(args: argparse.Namespace) -> dict:
         vocab_size=shape.vocab_size, seq_length=args.seq_length, swiglu=True)
     results = []
     for precision in args.precision:
-        if precision == "fp8":
-            print(f"precision fp8: {FP8_PIVOT_MISSING}; skipped")
-            results.append({"precision": "fp8", "status": FP8_PIVOT_MISSING})
+        if precision == "fp8" and (missing := fp8_missing(local_device())):
+            status = f"unavailable: {'; '.join(missing)}"
+            print(f"precision fp8: {status}; skipped")
+            results.append({"precision": "fp8", "status": status})
             continue
         run_dir = args.workdir / precision
         overrides = common.training_overrides(

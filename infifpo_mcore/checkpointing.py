@@ -64,7 +64,7 @@ class CheckpointError(RuntimeError):
 def check_disk_space(*, root: Path, parameters: int, precision: str) -> None:
     """Refuses to start when the checkpoint disk cannot hold one checkpoint: the weights and the optimizer state
     (Adam's moments, + fp32 master weights in bf16) per parameter as memory.STATE_BYTES counts them."""
-    weight_bytes, _, optimizer_bytes = STATE_BYTES[precision]
+    weight_bytes, _, optimizer_bytes = STATE_BYTES["bf16" if precision == "fp8" else precision]
     needed = parameters * (weight_bytes + optimizer_bytes)
     existing = next(parent for parent in (root, *root.parents) if parent.exists())
     free = shutil.disk_usage(existing).free

@@ -85,6 +85,7 @@ class Precision(StrEnum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
+    fp8 = "fp8"  # bf16 weights, FP8 matmuls through Transformer Engine (Megatron's fp8="hybrid", delayed scaling)
 
 
 class SourcePrecision(StrEnum):
@@ -521,8 +522,25 @@ def auto_precision() -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def fp8_missing(device) -> list[str]:
+    """Why FP8 matmuls cannot run on ``device`` (a torch.device): empty when an FP8 GPU (Hopper, Ada) and
+    Transformer Engine are both there."""
+    import importlib.util
+
+    import torch
+
+    missing = []
+    if device.type != "cuda":
+        missing.append("no CUDA device")
+    elif torch.cuda.get_device_capability(device) < (8, 9):
+        missing.append(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (compute capability < 8.9)")
+    if importlib.util.find_spec("transformer_engine") is None:
+        missing.append("Transformer Engine is not installed")
+    return missing
+
+
 def resolve_precision(cfg: InfiFPOConfig) -> str:
-    """The pivot's precision: 'fp32' or 'bf16' (see ``auto_precision``)."""
+    """The pivot's precision: 'fp32', 'bf16' or 'fp8' (see ``auto_precision``)."""
     return auto_precision() if cfg.train.precision == Precision.auto else cfg.train.precision.value
 
 

@@ -228,6 +228,8 @@ def _norm_parameters(model: ModelConfig) -> int:
 
 
 def _precision(precision: str) -> str:
+    if str(precision) == "fp8":  # bf16 weights and activations; TE's transient FP8 copies are not counted
+        return "bf16"
     if str(precision) not in _ELEMENT_BYTES:
         raise ValueError(f"precision must be one of {sorted(_ELEMENT_BYTES)} (resolve 'auto' first), "
                          f"got {precision!r}")

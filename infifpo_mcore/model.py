@@ -25,7 +25,7 @@ _ACTIVATIONS = {
     "swiglu": (torch.nn.functional.silu, True),
     "gelu": (torch.nn.functional.gelu, False),
 }
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: bf16 weights, FP8 GEMMs
 
 
 def transformer_engine_available() -> bool:
@@ -70,7 +70,10 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         pipeline_model_parallel_size=pipeline,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        bf16=precision == "bf16",
+        bf16=precision in ("bf16", "fp8"),
+        # TE layers run their GEMMs in FP8 (E4M3 forward, E5M2 gradients) under the context Megatron's
+        # TransformerBlock enters itself; delayed scaling, Megatron's default recipe.
+        fp8="hybrid" if precision == "fp8" else None,
         # CPU init draws the full matrix then slices it, so a fresh model is identical at any TP size.
         use_cpu_initialization=not on_gpu,
         # Fused kernels exist only on GPU.

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from infifpo_mcore.checkpointing import LATEST
-from infifpo_mcore.config import InfiFPOConfig, SourceConfig, auto_precision
+from infifpo_mcore.config import InfiFPOConfig, SourceConfig, auto_precision, fp8_missing
 from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows
 from infifpo_mcore.parallel import local_device
 from infifpo_mcore.pivot_card import CARD_FILE
@@ -156,16 +156,7 @@ def resolve_precision(*, name: str, precision: str, device: torch.device) -> str
         return auto_precision() if device.type == "cuda" else "fp32"
     if precision != "fp8":
         return precision
-    missing = []
-    if device.type != "cuda":
-        missing.append("no CUDA device")
-    elif torch.cuda.get_device_capability(device) < (8, 9):
-        missing.append(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (compute capability < 8.9)")
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        missing.append("Transformer Engine is not installed")
-    if missing:
+    if missing := fp8_missing(device):
         raise SourceError(f"source {name!r}: precision fp8 needs an NVIDIA GPU with FP8 (Hopper, Ada) and "
                           f"Transformer Engine; here: {'; '.join(missing)}. Use precision bf16 or auto.")
     return precision

@@ -28,6 +28,7 @@ from infifpo_mcore import checkpointing, losses, monitoring, pivot_card, step_gu
 from infifpo_mcore.config import (
     ConfigError,
     InfiFPOConfig,
+    fp8_missing,
     resolve_precision,
     save_config,
     to_dict,
@@ -104,8 +105,8 @@ def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
         adam_beta1=train.adam_beta1,
         adam_beta2=train.adam_beta2,
         clip_grad=train.grad_clip,
-        bf16=precision == "bf16",
-        params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        bf16=precision in ("bf16", "fp8"),
+        params_dtype=torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32,
         use_distributed_optimizer=use_distributed_optimizer(),
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
@@ -132,6 +133,9 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx
         self.precision = resolve_precision(cfg)
+        if self.precision == "fp8" and (missing := fp8_missing(ctx.device)):
+            raise ConfigError([f"train.precision: fp8 needs an FP8 GPU (Hopper, Ada) with Transformer Engine; here: "
+                               f"{'; '.join(missing)}. Use bf16 or auto."])
         self.run_dir = Path(cfg.run_dir)
         self.online_sources = cfg.sources.num_ranks > 0
         self.is_wrpo = str(cfg.loss.type) == "wrpo"

@@ -82,3 +82,10 @@ def _gradient_all_reduces_of_two_micro_batches(ctx, *, overlap: bool) -> None:
 @pytest.mark.parametrize("overlap", [True, False])
 def test_overlapped_gradient_reduce_starts_each_bucket_once_during_the_last_backward(overlap):
     run_distributed(_gradient_all_reduces_of_two_micro_batches, world_size=2, overlap=overlap)
+
+
+def test_fp8_pivot_keeps_bf16_weights_and_asks_megatron_for_hybrid_fp8_gemms():
+    config = build_transformer_config(model=ModelConfig(**SMALL), tensor=1, pipeline=1, precision="fp8")
+    assert (config.fp8, config.bf16, config.params_dtype) == ("hybrid", True, torch.bfloat16)
+    bf16 = build_transformer_config(model=ModelConfig(**SMALL), tensor=1, pipeline=1, precision="bf16")
+    assert bf16.fp8 is None and bf16.bf16

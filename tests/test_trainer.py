@@ -317,3 +317,12 @@ def test_recomputed_activations_train_exactly_as_kept_ones(small_data, tmp_path)
             for key in ("loss", "grad_norm", "eval/loss"):
                 if key in kept:
                     assert redone[key] == pytest.approx(kept[key], rel=1e-6), (recompute, kept["step"], key)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without FP8")
+def test_an_fp8_pivot_without_an_fp8_gpu_is_refused_with_the_reason(small_data, tmp_path):
+    result = run_training(check=False, nproc=1, overrides=_overrides(
+        small_data, tmp_path, "train.steps=2", "parallel.tensor=1", "parallel.pipeline=1", "train.precision=fp8"))
+    assert result.returncode != 0
+    assert ("train.precision: fp8 needs an FP8 GPU (Hopper, Ada) with Transformer Engine; here: no CUDA device"
+            in result.stderr)
