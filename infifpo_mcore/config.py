@@ -196,7 +196,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 2
+    # Pairs per micro-batch; null: the largest that the memory estimate fits on the device (memory.py)
+    micro_batch_size: int | None = 2
     global_batch_size: int = 8
     steps: int = 60
     lr: float = 1e-3
@@ -410,7 +411,7 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
 
     def divisible(numerator_key: str, denominator_key: str) -> None:
         numerator, denominator = get(numerator_key), get(denominator_key)
-        if numerator > 0 and denominator > 0 and numerator % denominator:
+        if denominator is not None and numerator > 0 and denominator > 0 and numerator % denominator:
             problems.append(f"{numerator_key} ({numerator}) must be divisible by {denominator_key} ({denominator})")
 
     divisible("model.hidden_size", "model.num_attention_heads")
@@ -493,7 +494,10 @@ def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
         problems.append(f"parallel.tensor ({tensor}) x parallel.pipeline ({pipeline}) = {ranks_per_replica} must "
                         f"divide the {training_ranks} training ranks (world size {world_size} - "
                         f"sources.num_ranks {cfg.sources.num_ranks})")
-    elif train.global_batch_size % (train.micro_batch_size * data_parallel):
+    elif train.micro_batch_size is None and train.global_batch_size % data_parallel:
+        problems.append(f"train.global_batch_size ({train.global_batch_size}) must be divisible by the "
+                        f"data-parallel size ({data_parallel})")
+    elif train.micro_batch_size is not None and train.global_batch_size % (train.micro_batch_size * data_parallel):
         problems.append(f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
                         f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size "
                         f"({data_parallel}) = {train.micro_batch_size * data_parallel}")

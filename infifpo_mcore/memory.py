@@ -68,6 +68,7 @@ workspaces and FP8 scaling state, the temporary all-gather / reduce-scatter buff
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from infifpo_mcore.config import ModelConfig
@@ -221,6 +222,42 @@ def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, 
                 responses_per_row=responses_per_row) if recompute == "full" else 0,
         ))
     return max(estimates, key=lambda estimate: estimate.total_bytes)
+
+
+def device_memory_bytes(device) -> int:
+    """What one rank may use: its GPU's memory, or on a CPU the machine's RAM shared by the ranks on it."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+# Left free of the device's memory by the estimate: the CUDA context, NCCL buffers, fragmentation (module docstring)
+HEADROOM = 0.15
+
+
+def choose_micro_batch_size(*, estimate: Callable[[int], MemoryEstimate], rows_per_rank: int, pipeline: int,
+                            capacity_bytes: int) -> tuple[int, MemoryEstimate, bool]:
+    """``train.micro_batch_size: null``: (pairs per micro-batch, its estimate, whether it fits).
+
+    The largest divisor of the step's ``rows_per_rank`` (global batch / DP) whose ``estimate`` stays within
+    ``capacity_bytes`` less ``HEADROOM``: a larger micro-batch uses the GPU better. With pipeline parallelism it keeps
+    at least 2 x ``pipeline`` micro-batches per step where one fits, since 1F1B idles (p - 1) / (m + p - 1) of the
+    step. Nothing fits: 1, and False (the caller warns)."""
+    budget = capacity_bytes * (1 - HEADROOM)
+    divisors = [size for size in range(rows_per_rank, 0, -1) if rows_per_rank % size == 0]
+    fitting = [(size, result) for size in divisors if (result := estimate(size)).total_bytes <= budget]
+    if not fitting:
+        return 1, estimate(1), False
+    if pipeline > 1:
+        filled = [(size, result) for size, result in fitting if rows_per_rank // size >= 2 * pipeline]
+        fitting = filled or fitting
+    size, result = fitting[0]
+    return size, result, True
 
 
 def _norm_parameters(model: ModelConfig) -> int:

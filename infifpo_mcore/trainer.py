@@ -36,7 +36,8 @@ from infifpo_mcore.config import (
 )
 from infifpo_mcore.data import (PreferenceBatch, PreferenceDataset, ResumableSampler, collate_pairs,
                                 load_preference_dataset, report_skipped_rows, responses_of)
-from infifpo_mcore.memory import estimate_memory_per_rank, padded_vocab
+from infifpo_mcore.memory import (choose_micro_batch_size, device_memory_bytes, estimate_memory_per_rank,
+                                  padded_vocab)
 from infifpo_mcore.model import (
     build_pivot,
     build_transformer_config,
@@ -154,6 +155,8 @@ class Trainer:
             )
         self.unpadded_vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
         self.vocab_size = padded_vocab(model=cfg.model, vocab_size=self.unpadded_vocab_size, tensor=ctx.tensor)
+        if cfg.train.micro_batch_size is None:
+            cfg.train.micro_batch_size = self._auto_micro_batch_size()
         self.card = pivot_card.card_for_run(cfg, vocab_size=self.unpadded_vocab_size)  # saved with checkpoints
         self.transformer_config = build_transformer_config(
             model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision,
@@ -236,16 +239,32 @@ class Trainer:
                     split.source_scores = torch.zeros((len(split.dataset), 4, self.num_sources), dtype=torch.float64)
         return receiver
 
-    def _memory_estimate(self):
+    def _memory_estimate(self, micro_batch_size: int | None = None):
         """What each rank should need (heaviest pipeline stage), printed at start so a misfit shows before OOM."""
         return estimate_memory_per_rank(
             model=self.cfg.model, tensor=self.ctx.tensor, pipeline=self.ctx.pipeline, data=self.ctx.data,
-            micro_batch_size=self.cfg.train.micro_batch_size, responses_per_row=self.responses_per_row,
+            micro_batch_size=micro_batch_size or self.cfg.train.micro_batch_size,
+            responses_per_row=self.responses_per_row,
             seq_length=self.cfg.model.seq_length,
             precision=self.precision, distributed_optimizer=use_distributed_optimizer(),
             vocab_size=self.unpadded_vocab_size,
             fused_attention=transformer_engine_available(), recompute=str(self.cfg.train.recompute),
         )
+
+    def _auto_micro_batch_size(self) -> int:
+        """``train.micro_batch_size: null``: the choice of ``memory.choose_micro_batch_size`` for the smallest device
+        among the training ranks (every rank must take the same)."""
+        capacity = torch.tensor([device_memory_bytes(self.ctx.device)], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(capacity, op=dist.ReduceOp.MIN)
+        size, estimate, fits = choose_micro_batch_size(
+            estimate=lambda pairs: self._memory_estimate(micro_batch_size=pairs), pipeline=self.ctx.pipeline,
+            rows_per_rank=self.cfg.train.global_batch_size // self.ctx.data, capacity_bytes=int(capacity.item()))
+        if self.ctx.rank == 0:
+            report = logger.info if fits else logger.warning
+            report("train.micro_batch_size null: %d pair(s) per micro-batch, estimated %.2f GiB of %.2f GiB per rank%s",
+                   size, estimate.total_bytes / 2**30, capacity.item() / 2**30,
+                   "" if fits else " (even 1 does not fit: expect out-of-memory; see the estimate below)")
+        return size
 
     def _remove_incomplete_saves(self, root: Path) -> None:
         """What a killed save left (never published, never loaded) goes before the first save of this run."""

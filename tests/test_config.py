@@ -270,3 +270,12 @@ def test_save_then_load_round_trips(tmp_path):
     save_config(cfg, path=saved)
     assert load_config(path=saved) == cfg
     assert yaml.safe_load(saved.read_text()) == to_dict(cfg)
+
+
+def test_a_null_micro_batch_size_needs_only_the_data_parallel_split():
+    cfg = load_config(overrides=["train.micro_batch_size=null", "train.global_batch_size=6"])
+    assert cfg.train.micro_batch_size is None
+    assert validate_layout(cfg, world_size=2) == 2
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(6\) must be divisible by the data-parallel "
+                                          r"size \(4\)"):
+        validate_layout(cfg, world_size=4)

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 
 from infifpo_mcore.config import ModelConfig
-from infifpo_mcore.memory import (GIB, activation_bytes, estimate_memory_per_rank, layer_activation_bytes,
-                                  layer_parameters, padded_vocab, stage_parameters)
+from infifpo_mcore.memory import (GIB, HEADROOM, activation_bytes, choose_micro_batch_size, estimate_memory_per_rank,
+                                  layer_activation_bytes, layer_parameters, padded_vocab, stage_parameters)
 from tests.distributed import run_distributed
 
 # h 64, 4 heads of 16, 2 KV groups, SwiGLU ffn 96, 4 layers, vocab 300 -> padded to 384 (128 x TP 1 or 3)
@@ -219,3 +219,25 @@ def test_full_recomputation_counts_one_recomputed_layer_beside_the_micro_batches
     assert full.activation_bytes == full.activation_bytes_per_microbatch * full.microbatches_in_flight + layer
     assert full.activation_bytes < none.activation_bytes
     assert "of the layer recomputed" in full.format()
+
+
+def _choose(*, capacity_bytes: int, rows_per_rank: int = 12, pipeline: int = 1):
+    return choose_micro_batch_size(estimate=lambda pairs: _estimate(micro_batch_size=pairs, pipeline=pipeline),
+                                   rows_per_rank=rows_per_rank, pipeline=pipeline, capacity_bytes=capacity_bytes)
+
+
+def test_auto_micro_batch_is_the_largest_divisor_whose_estimate_fits_the_device():
+    sizes = {pairs: _estimate(micro_batch_size=pairs).total_bytes for pairs in (1, 2, 3, 4, 6, 12)}
+    # room for 4 pairs but not 6: 4 (a divisor of the 12 rows each rank takes per step)
+    capacity = int(sizes[4] / (1 - HEADROOM)) + 1
+    assert sizes[6] > capacity * (1 - HEADROOM)
+    pairs, estimate, fits = _choose(capacity_bytes=capacity)
+    assert (pairs, fits) == (4, True) and estimate.total_bytes == sizes[4]
+    assert _choose(capacity_bytes=10 * sizes[12])[:1] == (12,)
+    assert _choose(capacity_bytes=sizes[1] // 2)[0::2] == (1, False)  # nothing fits: 1, flagged
+
+
+def test_auto_micro_batch_keeps_two_micro_batches_per_pipeline_stage_where_it_can():
+    plenty = 100 * _estimate(micro_batch_size=12, pipeline=2).total_bytes
+    assert _choose(capacity_bytes=plenty, pipeline=2)[0] == 3  # 12 / 3 = 4 micro-batches = 2 x PP 2
+    assert _choose(capacity_bytes=plenty, rows_per_rank=2, pipeline=2)[0] == 2  # 2 rows: no way to fill, the largest

@@ -326,3 +326,13 @@ def test_an_fp8_pivot_without_an_fp8_gpu_is_refused_with_the_reason(small_data, 
     assert result.returncode != 0
     assert ("train.precision: fp8 needs an FP8 GPU (Hopper, Ada) with Transformer Engine; here: no CUDA device"
             in result.stderr)
+
+
+def test_a_null_micro_batch_size_takes_the_largest_that_fits(small_data, tmp_path):
+    """DP 2, 8 pairs per step: 4 per rank, and the CPU's memory holds them all in one micro-batch."""
+    result = run_training(nproc=2, overrides=_overrides(
+        small_data, tmp_path, "train.steps=2", "parallel.tensor=1", "parallel.pipeline=1",
+        "train.micro_batch_size=null", "train.global_batch_size=8"))
+    assert "train.micro_batch_size null: 4 pair(s) per micro-batch, estimated" in result.stderr
+    assert "train:\n  micro_batch_size: 4\n" in (tmp_path / "config.yaml").read_text()
+    assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == [1, 2]
