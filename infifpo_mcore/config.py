@@ -426,6 +426,10 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     if max_prompt is not None and max_prompt >= cfg.model.seq_length:
         problems.append(f"data.max_prompt_length ({max_prompt}) must be < model.seq_length "
                         f"({cfg.model.seq_length}) to leave room for the response")
+    if train.precision == Precision.fp8:  # TE's FP8 GEMMs want every dimension a multiple of 16
+        for key in ("model.seq_length", "model.hidden_size", "model.ffn_hidden_size"):
+            if get(key) % 16:
+                problems.append(f"{key} ({get(key)}): train.precision fp8 needs a multiple of 16 (FP8 GEMM shapes)")
     if cfg.checkpoint.save_interval is not None and cfg.checkpoint.save is None:
         problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
     if cfg.sources.num_ranks and not cfg.sources.models:

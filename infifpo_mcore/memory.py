@@ -194,8 +194,8 @@ def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, 
                              recompute: str = "none") -> MemoryEstimate:
     """Memory of one rank of the heaviest pipeline stage (see the module docstring for every formula).
 
-    ``precision``: 'bf16' or 'fp32' (resolve 'auto' first). ``vocab_size``: the tokenizer's (or model.vocab_size),
-    padded here as the trainer pads it. ``fused_attention``: Transformer Engine / flash attention (no s^2 scores
+    ``precision``: 'bf16', 'fp32' or 'fp8' (counted as bf16; resolve 'auto' first). ``vocab_size``: the tokenizer's
+    (or model.vocab_size), padded here as the trainer pads it. ``fused_attention``: Transformer Engine / flash attention (no s^2 scores
     kept); False for Megatron's local layer spec. ``responses_per_row``: sequences per row (3 for WRPO).
     ``recompute``: 'none', 'selective' or 'full' (``train.recompute``).
     """

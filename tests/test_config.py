@@ -279,3 +279,9 @@ def test_a_null_micro_batch_size_needs_only_the_data_parallel_split():
     with pytest.raises(ConfigError, match=r"train.global_batch_size \(6\) must be divisible by the data-parallel "
                                           r"size \(4\)"):
         validate_layout(cfg, world_size=4)
+
+
+def test_an_fp8_pivot_needs_gemm_dimensions_that_are_multiples_of_16():
+    message = problems_of(overrides=["train.precision=fp8", "model.seq_length=200"])
+    assert "model.seq_length (200): train.precision fp8 needs a multiple of 16 (FP8 GEMM shapes)" in message
+    assert load_config(overrides=["train.precision=fp8", "model.seq_length=208"]).train.precision == "fp8"
