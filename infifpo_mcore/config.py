@@ -169,6 +169,8 @@ class SourcesConfig:
     output: str | None = None  # the scored dataset launch/score_sources.py writes (or its --out)
     chunk_rows: int = 64  # rows scored between two appends to the score cache: what an interruption can lose
     batch_tokens: int = 4096  # padded tokens per source forward pass
+    # FP8 sources: rows scored also in bf16 at start, to report the mean / max |delta log-prob| per token (0: off)
+    precision_check_rows: int = 16
     # Online: how long the last stage waits for a batch's scores (the first includes loading the source models)
     timeout_minutes: int = 30
 
@@ -392,8 +394,8 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                 "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval",
                 "checkpoint.keep_last", "train.max_consecutive_bad_steps", "parallel.timeout_minutes",
                 "parallel.ddp_bucket_size"]
-    non_negative = ["sources.num_ranks", "train.min_lr", "train.warmup_steps", "train.weight_decay",
-                    "train.grad_clip", "train.seed"]
+    non_negative = ["sources.num_ranks", "sources.precision_check_rows", "train.min_lr", "train.warmup_steps",
+                    "train.weight_decay", "train.grad_clip", "train.seed"]
     for key in positive:
         if (value := get(key)) is not None and value <= 0:
             problems.append(f"{key}: must be > 0, got {value}")

@@ -53,7 +53,7 @@ from infifpo_mcore.config import InfiFPOConfig
 from infifpo_mcore.data import PreferenceDataset, PreferenceRow, ResumableSampler, load_preference_dataset
 from infifpo_mcore.parallel import JobLayout
 from infifpo_mcore.preemption import StopRequest
-from infifpo_mcore.sources import SourceScorer, build_scorer, prepare_source
+from infifpo_mcore.sources import SourceScorer, build_scorer, prepare_source, report_precision_check
 from infifpo_mcore.tokenization import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -280,6 +280,8 @@ def serve_sources(cfg: InfiFPOConfig, *, job: JobLayout) -> None:
             scorer = build_scorer(prepared, device=job.device, batch_tokens=cfg.sources.batch_tokens)
             held.append(_HeldSource(index=index, replica=replica, replicas=replicas, scorer=scorer,
                                     writes=group_rank == 0 or not sharded[index]))
+            if replica == 0 and held[-1].writes:  # once per source (an FP8 one: its |delta log-prob| vs bf16)
+                report_precision_check(scorer, train_data.rows[:cfg.sources.precision_check_rows])
     logger.info("source rank %d holds %s", group_rank,
                 ", ".join(cfg.sources.models[source.index].name for source in held))
     leader = _Leader(job, timeout) if group_rank == 0 else None

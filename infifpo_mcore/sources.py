@@ -303,19 +303,17 @@ class SourceScorer:
     FP8_LENGTH_MULTIPLE = 16
 
     def __init__(self, *, name: str, model: torch.nn.Module, tokenizer: ChatTokenizer, device: torch.device,
-                 batch_tokens: int, fp8: bool = False, length_multiple: int | None = None):
+                 batch_tokens: int, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 reference_autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 length_multiple: int = 1):
+        """``autocast``: the context every forward runs in (FP8: TE's ``fp8_autocast``); ``reference_autocast``: the
+        higher precision ``precision_check`` compares it with; ``length_multiple``: batches padded to it."""
         self.name, self.model, self.tokenizer = name, model, tokenizer
-        self.device, self.batch_tokens = device, batch_tokens
-        self.length_multiple = length_multiple or (self.FP8_LENGTH_MULTIPLE if fp8 else 1)
+        self.device, self.batch_tokens, self.length_multiple = device, batch_tokens, length_multiple
+        self.autocast, self.reference_autocast = autocast, reference_autocast
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         # logits_to_keep computes the output head only at the last positions (transformers >= 4.50 causal LMs)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        if fp8:
-            import transformer_engine.pytorch as te
-
-            self._autocast = lambda: te.fp8_autocast(enabled=True)
-        else:
-            self._autocast = contextlib.nullcontext
 
     def score(self, rows: Sequence[PreferenceRow]) -> list[RowScores]:
         """Per row (in order): chosen and rejected log-prob sums and their token counts under this source.
@@ -324,15 +322,35 @@ class SourceScorer:
         at most ``batch_tokens`` padded tokens, so the result depends only on ``rows``.
         """
         sequences = self.encode(rows)
-        order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index][0]))
         sums = [0.0] * len(sequences)
-        lengths = [len(sequences[index][0]) for index in order]
-        for batch in length_batches(lengths=lengths, batch_tokens=self.batch_tokens):
-            indices = [order[position] for position in batch]
+        for indices in self._batches(sequences):
             batch_sums = self._response_logps([sequences[index] for index in indices])
             for index, value in zip(indices, batch_sums.tolist(), strict=True):
                 sums[index] = value
         return [(sums[2 * i], sums[2 * i + 1], sequences[2 * i][1], sequences[2 * i + 1][1]) for i in range(len(rows))]
+
+    def precision_check(self, rows: Sequence[PreferenceRow]) -> dict[str, float] | None:
+        """|delta log-prob| per response token of ``rows`` between this scorer's precision and its reference (FP8
+        GEMMs against the same layers' bf16 GEMMs): rows, tokens, mean and max in nats; None without a reference."""
+        if self.reference_autocast is None:
+            return None
+        sequences = self.encode(rows)
+        deltas = []
+        for indices in self._batches(sequences):
+            batch = [sequences[index] for index in indices]
+            logps, is_response = self.response_token_logps(batch)
+            reference, _ = self.response_token_logps(batch, autocast=self.reference_autocast)
+            deltas.append((logps - reference).abs()[is_response])
+        delta = torch.cat(deltas)
+        return {"rows": len(rows), "tokens": delta.numel(), "mean_abs_delta": delta.mean().item(),
+                "max_abs_delta": delta.max().item()}
+
+    def _batches(self, sequences: list[tuple[list[int], int]]) -> list[list[int]]:
+        """Indices of ``sequences`` in batches: sorted by length (longest first, ties in order), ``batch_tokens``."""
+        order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index][0]))
+        lengths = [len(sequences[index][0]) for index in order]
+        return [[order[position] for position in batch]
+                for batch in length_batches(lengths=lengths, batch_tokens=self.batch_tokens)]
 
     def encode(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], int]]:
         """(prompt + response ids, response length) of each row's chosen, then rejected response, in row order."""
@@ -357,7 +375,9 @@ class SourceScorer:
         return torch.where(is_response, token_logps, 0.0).sum(-1).cpu()
 
     @torch.no_grad()
-    def response_token_logps(self, sequences: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def response_token_logps(self, sequences: list[tuple[list[int], int]], *,
+                             autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, K-1]`` float64 per-token log-probs of B (ids, response length) sequences and the ``[B, K-1]`` mask
         of their response tokens (K = max response length + 1). The batch is left-padded so that every response ends
         at the last position and only the last K positions need logits, to a length multiple of
@@ -371,7 +391,7 @@ class SourceScorer:
             attention_mask[row, length - len(ids):] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each sequence counts from 0 after its padding
         extra = {"logits_to_keep": keep} if self._keep_logits else {}
-        with self._autocast():
+        with (autocast or self.autocast)():
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                 position_ids=position_ids.to(self.device), use_cache=False, **extra).logits
         logits = logits[:, -keep:-1].float()  # [B, K-1, V]: predicts the last K-1 tokens
@@ -409,8 +429,33 @@ def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: 
         total = sum(p.numel() for p in model.parameters())
         logger.info("source %r sharded over %d ranks: %.1f%% of its %d parameters on each rank", source.name,
                     torch.distributed.get_world_size(), 100 * held / total, total)
+    precision = {}
+    if source.precision == "fp8":
+        import transformer_engine.pytorch as te
+
+        precision = {"autocast": lambda: te.fp8_autocast(enabled=True),
+                     # the same TE layers with FP8 off: bf16 GEMMs on the same weights, no second copy loaded
+                     "reference_autocast": lambda: te.fp8_autocast(enabled=False),
+                     "length_multiple": SourceScorer.FP8_LENGTH_MULTIPLE}
     return SourceScorer(name=source.name, model=model, tokenizer=source.tokenizer, device=device,
-                        batch_tokens=batch_tokens, fp8=source.precision == "fp8")
+                        batch_tokens=batch_tokens, **precision)
+
+
+# Mean |delta log-prob| per token above which the FP8 check warns (issue #8's goal for FP8 scoring)
+PRECISION_CHECK_TOLERANCE = 0.02
+
+
+def report_precision_check(scorer: SourceScorer, rows: Sequence[PreferenceRow]) -> dict[str, float] | None:
+    """Runs ``scorer.precision_check`` on ``rows`` (none: nothing) and logs it; a warning above the tolerance."""
+    check = scorer.precision_check(rows) if rows else None
+    if check is not None:
+        above = check["mean_abs_delta"] > PRECISION_CHECK_TOLERANCE
+        (logger.warning if above else logger.info)(
+            "source %r precision check on %d rows (%d response tokens): |delta log-prob| vs its reference precision "
+            "mean %.2g, max %.2g nats per token%s", scorer.name, check["rows"], check["tokens"],
+            check["mean_abs_delta"], check["max_abs_delta"],
+            f" — above {PRECISION_CHECK_TOLERANCE}: consider precision bf16" if above else "")
+    return check
 
 
 class ScoreCache:
@@ -543,7 +588,8 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
                 writes = rank == 0 or not source.tensor_parallel
                 _score_chunks(source, todo=[piece for piece in todo if piece], rows=rows, keys=keys,
                               append=append if writes else None, device=device,
-                              batch_tokens=cfg.sources.batch_tokens, rank=rank, world=world)
+                              batch_tokens=cfg.sources.batch_tokens, rank=rank, world=world,
+                              check_rows=cfg.sources.precision_check_rows)
         _barrier(world)
         if rank == 0:
             _write_output(out=out_path, rows=rows, keys=keys, data_path=data_path, sources=sources,
@@ -554,13 +600,15 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
 
 def _score_chunks(source: PreparedSource, *, todo: list[list[int]], rows: list[PreferenceRow], keys: list[str],
                   append: Callable[..., None] | None, device: torch.device, batch_tokens: int, rank: int,
-                  world: int) -> None:
+                  world: int, check_rows: int) -> None:
     """Score the ``todo`` chunks and ``append`` each (None: a shard of a sharded source, whose rank 0 writes)."""
     if not todo:
         return
     from tqdm import tqdm
 
     scorer = build_scorer(source, device=device, batch_tokens=batch_tokens)
+    if rank == 0:
+        report_precision_check(scorer, [rows[index] for index in todo[0][:check_rows]])
     if source.tensor_parallel and world > 1:
         label = f"{source.name} (sharded over {world} ranks)"
     else:

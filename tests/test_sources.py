@@ -7,7 +7,9 @@ Qwen3 HF tokenizer) built in seconds; the ``slow`` test scores with the real Smo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from infifpo_mcore import sources as sources_module
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
 from infifpo_mcore.sources import (PreparedSource, SourceError, SourceScorer, build_scorer, check_shardable,
@@ -124,6 +127,35 @@ def test_fp8_length_padding_leaves_the_scores_unchanged(tiny_sources, data):
     padded_shapes = lengths[:len(lengths) // 2]
     assert all(length % 16 == 0 for _, length in padded_shapes), padded_shapes
     assert any(length % 16 for _, length in lengths[len(lengths) // 2:])  # the unpadded batches would not fit
+
+
+def _bf16_autocast_scorer(scorer: SourceScorer) -> SourceScorer:
+    """The FP8 arrangement with what a CPU has: forwards under bf16 autocast, fp32 as the reference precision."""
+    return SourceScorer(name=scorer.name, model=scorer.model, tokenizer=scorer.tokenizer, device=CPU, batch_tokens=300,
+                        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                        reference_autocast=contextlib.nullcontext)
+
+
+def test_the_precision_check_compares_every_response_token_with_the_reference_precision(tiny_sources, data):
+    source = prepare_source(SourceConfig(**tiny_sources[1]), device=CPU, workdir=Path("unused"))
+    plain = build_scorer(source, device=CPU, batch_tokens=300)
+    assert plain.precision_check(read_preference_rows(data)) is None  # fp32 has nothing to compare with
+    rows = read_preference_rows(data)[:5]
+    check = _bf16_autocast_scorer(plain).precision_check(rows)
+    assert check["rows"] == 5 and check["tokens"] == sum(count for _, count in _scored(plain, rows))
+    # bf16 matmuls on random weights: visibly off, and by far less than the ~12 nats of a per-token log-prob here
+    assert 1e-4 < check["mean_abs_delta"] <= check["max_abs_delta"] < 1.0
+
+
+def test_scoring_reports_the_precision_check_of_a_low_precision_source(tiny_sources, data, tmp_path, monkeypatch,
+                                                                        caplog):
+    build = sources_module.build_scorer
+    monkeypatch.setattr(sources_module, "build_scorer", lambda *a, **k: _bf16_autocast_scorer(build(*a, **k)))
+    with caplog.at_level(logging.INFO, logger="infifpo_mcore.sources"):
+        score_sources(_config(data=data, sources=tiny_sources[1:], out=tmp_path / "out.jsonl",
+                              **{"sources.precision_check_rows": 3}))
+    (line,) = [record.getMessage() for record in caplog.records if "precision check" in record.getMessage()]
+    assert line.startswith("source 'qwen' precision check on 3 rows (") and "|delta log-prob| vs its reference" in line
 
 
 @pytest.mark.parametrize("in_features, out_features, fits", [(896, 4864, True), (896, 128, True), (100, 64, False),
