@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from infifpo_mcore import checkpointing, pivot_card
 from infifpo_mcore.config import (ConfigError, InfiFPOConfig, ModelConfig, ParallelConfig, TokenizerConfig,
                                   TokenizerType, validate_layout)
 from infifpo_mcore.memory import padded_vocab
-from infifpo_mcore.model import build_pivot, build_transformer_config
+from infifpo_mcore.model import build_gpt, build_transformer_config
 from infifpo_mcore.parallel import ParallelContext, init_parallel
 from checkpoints_tools.families import Family
 from checkpoints_tools.hf_config import (ConversionError, check_unchanged, derive_pivot, llama_config_for,
@@ -89,30 +90,61 @@ def convert_hf_to_mcore(*, plan: ConversionPlan, out: Path, ctx: ParallelContext
         raise ConversionError("conversion runs as one process (dist_checkpointing reshards at load); "
                               "run it with python, not torchrun")
     hf_dir, model = plan.hf_dir, plan.model
-    state, origin = hf_to_megatron(hf=read_hf_tensors(hf_dir), family=plan.family, model=model,
-                                   padded_vocab=plan.vocab_rows, source=str(hf_dir))
     config = build_transformer_config(model=model, tensor=1, pipeline=1, precision="fp32")
-    chunks = build_pivot(model=model, config=config, vocab_size=plan.vocab_rows, device=ctx.device)
-    _load_full_state(chunks[0].module, state, origin=origin, source=str(hf_dir))
+    gpt = build_gpt(model=model, config=config, vocab_size=plan.vocab_rows, device=ctx.device)
+    state = _ModelState(gpt)
+    _, origin = hf_to_megatron(hf=read_hf_tensors(hf_dir), family=plan.family, model=model,
+                               padded_vocab=plan.vocab_rows, source=str(hf_dir), out=state)
+    state.check_complete(origin=origin, source=str(hf_dir))
     tokenizer = hf_tokenizer(hf_dir)
     if tokenizer is None:
         print(f"note: {hf_dir} has no tokenizer.json: the checkpoint carries no tokenizer (training from it then "
               "takes tokenizer.* from its config)")
     card = pivot_card.build_card(model=model, tokenizer=tokenizer, hf_config=plan.hf_config)
     return checkpointing.save_checkpoint(
-        root=out, step=0, model_chunks=chunks, optimizer=None, train_state=None, init_scores=None,
+        root=out, step=0, model_chunks=[gpt], optimizer=None, train_state=None, init_scores=None,
         write_extra=lambda directory: pivot_card.write_card(card, directory=directory))
 
 
-def _load_full_state(gpt: torch.nn.Module, state: dict[str, torch.Tensor], *, origin: dict[str, str],
-                     source: str) -> None:
-    expected = {name: tensor for name, tensor in gpt.state_dict().items() if not name.endswith("_extra_state")}
-    assert set(expected) == set(state), f"adapter bug: {sorted(set(expected) ^ set(state))}"
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ConversionError(f"{source}: {origin[name]} has shape {tuple(tensor.shape)}; config.json implies "
-                                  f"{tuple(expected[name].shape)} for it")
-    gpt.load_state_dict(state, strict=False)
+class _ModelState(MutableMapping):
+    """The pivot's own state as the converter's output: each converted tensor is copied into the model's as soon as
+    it is made and then dropped, so a conversion holds the model once plus one tensor (not the HF copy, the
+    converted copy and the model)."""
+
+    def __init__(self, gpt: torch.nn.Module):
+        # state_dict's tensors share their storage with the parameters: writing them fills the model
+        self.expected = {name: tensor for name, tensor in gpt.state_dict().items()
+                         if not name.endswith("_extra_state")}
+        self.filled: set[str] = set()
+        self.mismatched: dict[str, tuple[int, ...]] = {}
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        assert name in self.expected, f"adapter bug: the pivot has no {name}"
+        if tensor.shape != self.expected[name].shape:
+            self.mismatched[name] = tuple(tensor.shape)
+            return
+        with torch.no_grad():
+            self.expected[name].copy_(tensor)
+        self.filled.add(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.expected[name]
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("a converted tensor cannot be taken back")
+
+    def __iter__(self):
+        return iter(self.filled)
+
+    def __len__(self) -> int:
+        return len(self.filled)
+
+    def check_complete(self, *, origin: dict[str, str], source: str) -> None:
+        for name, shape in self.mismatched.items():
+            raise ConversionError(f"{source}: {origin[name]} has shape {shape}; config.json implies "
+                                  f"{tuple(self.expected[name].shape)} for it")
+        missing = set(self.expected) - self.filled
+        assert not missing, f"adapter bug: {sorted(missing)}"
 
 
 def load_pivot(*, ckpt: Path, ctx: ParallelContext):
@@ -124,11 +156,10 @@ def load_pivot(*, ckpt: Path, ctx: ParallelContext):
                               "the checkpoint does not say which model it holds")
     config = build_transformer_config(model=card.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision="fp32")
     rows = pivot_card.stored_vocab_rows(directory)
-    chunks = build_pivot(model=card.model, config=config, vocab_size=rows, device=ctx.device)
-    checkpointing.load_checkpoint(path=directory, model_chunks=chunks)
-    for chunk in chunks:
-        chunk.eval()
-    return chunks, card, directory
+    gpt = build_gpt(model=card.model, config=config, vocab_size=rows, device=ctx.device)
+    checkpointing.load_checkpoint(path=directory, model_chunks=[gpt])
+    gpt.eval()
+    return [gpt], card, directory
 
 
 def export_mcore_to_hf(*, ckpt: Path, out: Path, ctx: ParallelContext, dtype: str = "auto",
@@ -151,14 +182,14 @@ def export_mcore_to_hf(*, ckpt: Path, out: Path, ctx: ParallelContext, dtype: st
         raise ConversionError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
     hf_config["dtype"] = dtype
     hf_config.pop("torch_dtype", None)
-    state = {name: tensor.detach().to(_DTYPES[dtype]) for name, tensor in chunks[0].module.state_dict().items()
-             if not name.endswith("_extra_state")}
+    state = {name: tensor for name, tensor in chunks[0].state_dict().items() if not name.endswith("_extra_state")}
     tensors = megatron_to_hf(state=state, family=family, model=card.model, vocab_size=vocab)
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    files = ["config.json", *write_hf_tensors(tensors, out_dir=staging, max_shard_bytes=max_shard_bytes)]
+    files = ["config.json", *write_hf_tensors(tensors, out_dir=staging, max_shard_bytes=max_shard_bytes,
+                                              dtype=_DTYPES[dtype])]
     files += pivot_card.copy_tokenizer_files(directory, out_dir=staging)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)

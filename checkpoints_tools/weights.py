@@ -7,7 +7,7 @@ know (an ``o_proj.bias``, an MLP bias, an extra norm) is refused by name rather 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 import torch
@@ -33,10 +33,33 @@ def _qkv_kinds(model: ModelConfig) -> tuple[str, ...]:
     return ("weight", "bias") if model.add_qkv_bias else ("weight",)
 
 
-def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF model directory (one model.safetensors or an index of shards)."""
-    from safetensors.torch import load_file
+class HFTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a HF model directory, each read from its (memory-mapped) safetensors file when asked for: a
+    conversion holds one HF tensor at a time, never the whole HF copy."""
 
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._file_of = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                self._file_of.update(dict.fromkeys(handle.keys(), path))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file_of[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+
+def read_hf_tensors(hf_dir: Path) -> HFTensors:
+    """All tensors of a HF model directory (one model.safetensors or an index of shards), read lazily."""
     if (hf_dir / INDEX_FILE).is_file():
         index = json.loads((hf_dir / INDEX_FILE).read_text(encoding="utf-8"))
         files = sorted(set(index["weight_map"].values()))
@@ -47,35 +70,40 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
         hint = (f" (found {', '.join(other)}: load it with transformers and save_pretrained it as safetensors)"
                 if other else "")
         raise ConversionError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        tensors.update(load_file(str(hf_dir / name)))
-    return tensors
+    return HFTensors([hf_dir / name for name in files])
 
 
-def write_hf_tensors(tensors: Mapping[str, torch.Tensor], *, out_dir: Path, max_shard_bytes: int) -> list[str]:
-    """HF's layout: model.safetensors, or model-0000i-of-0000n.safetensors shards + model.safetensors.index.json.
-    Returns the file names written."""
+def write_hf_tensors(tensors: Mapping[str, torch.Tensor], *, out_dir: Path, max_shard_bytes: int,
+                     dtype: torch.dtype | None = None) -> list[str]:
+    """HF's layout: model.safetensors, or model-0000i-of-0000n.safetensors shards + model.safetensors.index.json,
+    in ``dtype`` (default: each tensor's own). The tensors may be views into the model's parameters: each shard is
+    copied out only while it is written, so an export holds the model plus one shard. Returns the file names."""
     from safetensors.torch import save_file
+
+    def nbytes(tensor: torch.Tensor) -> int:
+        return tensor.numel() * (dtype or tensor.dtype).itemsize
+
+    def copied(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # own storage per tensor: safetensors refuses views of one tensor saved apart
+        return {name: tensor.to(dtype or tensor.dtype, copy=True).contiguous() for name, tensor in shard.items()}
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + nbytes(tensor) > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
+        shards[-1][name] = tensor
+        size += nbytes(tensor)
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+        save_file(copied(shards[0]), str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        save_file(copied(shard), str(out_dir / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(nbytes(tensor) for tensor in tensors.values())
     (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
     return names + [INDEX_FILE]
@@ -87,10 +115,12 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def hf_to_megatron(*, hf: Mapping[str, torch.Tensor], family: Family, model: ModelConfig, padded_vocab: int,
-                   source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Megatron's full state dict from HF tensors; also each Megatron name's HF origin, for error messages."""
+                   source: str, out: MutableMapping[str, torch.Tensor] | None = None
+                   ) -> tuple[MutableMapping[str, torch.Tensor], dict[str, str]]:
+    """Megatron's full state dict from HF tensors; also each Megatron name's HF origin, for error messages.
+    ``out``: where each Megatron tensor goes as it is made (default a new dict)."""
     unused = {name for name in hf if not name.endswith(_IGNORED_SUFFIXES)}
-    out: dict[str, torch.Tensor] = {}
+    out = {} if out is None else out
     origin: dict[str, str] = {}
 
     def take(name: str) -> torch.Tensor:
@@ -146,8 +176,9 @@ def _check_vocab(tensor: torch.Tensor, *, model: ModelConfig, name: str, source:
 
 def megatron_to_hf(*, state: Mapping[str, torch.Tensor], family: Family, model: ModelConfig,
                    vocab_size: int) -> dict[str, torch.Tensor]:
-    """HF tensors (HF's names and fused layouts) from Megatron's full state dict; the padded vocabulary is sliced
-    back to `vocab_size` rows."""
+    """HF tensors (HF's names and fused layouts) from Megatron's full state dict, as views of its tensors where the
+    layout allows (``write_hf_tensors`` copies them out shard by shard); the padded vocabulary is sliced back to
+    `vocab_size` rows."""
     out: dict[str, torch.Tensor] = {HF_EMBEDDING: state[MEGATRON_EMBEDDING][:vocab_size]}
     shape = attention_shape(model)
     for layer in range(model.num_layers):
@@ -169,4 +200,4 @@ def megatron_to_hf(*, state: Mapping[str, torch.Tensor], family: Family, model: 
             out[hf_name.format(layer)] = state[megatron.format(layer)]
     if not model.tie_embeddings:
         out[HF_OUTPUT] = state[MEGATRON_OUTPUT][:vocab_size]
-    return {name: tensor.clone() for name, tensor in out.items()}  # views of one tensor cannot be saved apart
+    return out

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.distributed import DistributedDataParallel
 from safetensors.torch import load_file, save_file
 
 from infifpo_mcore.config import ConfigError
@@ -257,9 +258,14 @@ def _check_shapes(directory: Path, metadata, template: dict, *, vocab_size: int 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Save / load
+def _bare(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel of a DDP-wrapped chunk (training) or the chunk itself (``model.build_gpt``: the tools)."""
+    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
+
+
 def _model_sharded_state_dict(model_chunks) -> dict:
     (chunk,) = model_chunks
-    return {"model": chunk.module.sharded_state_dict()}
+    return {"model": _bare(chunk).sharded_state_dict()}
 
 
 def _rng_file(directory: Path) -> Path:
@@ -331,7 +337,7 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None, vocab_size: int
     if with_optimizer:
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(template, str(directory))
-    model_chunks[0].module.load_state_dict(loaded["model"])
+    _bare(model_chunks[0]).load_state_dict(loaded["model"])
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         _load_rng(directory, train_state)

@@ -127,14 +127,9 @@ def set_response_positions(model: DistributedDataParallel, positions: torch.Tens
         selector.positions = positions
 
 
-def build_pivot(
-    *, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device,
-    overlap_grad_reduce: bool = False, bucket_size: int | None = None,
-) -> list[DistributedDataParallel]:
-    """This rank's pipeline stage of the pivot, DDP-wrapped, as the one-chunk list Megatron's optimizer expects.
-
-    ``overlap_grad_reduce``: each gradient bucket is all-reduced as soon as the last micro-batch's backward has
-    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses."""
+def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device) -> GPTModel:
+    """This rank's pipeline stage of the pivot, bare: what the checkpoint tools, which never train, build (DDP's
+    gradient buffers would double their memory)."""
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(config),
@@ -148,6 +143,18 @@ def build_pivot(
     ).to(device)
     if gpt.post_process:
         gpt.response_logits = ResponseOnlyLogits(gpt)
+    return gpt
+
+
+def build_pivot(
+    *, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device,
+    overlap_grad_reduce: bool = False, bucket_size: int | None = None,
+) -> list[DistributedDataParallel]:
+    """This rank's pipeline stage of the pivot, DDP-wrapped, as the one-chunk list Megatron's optimizer expects.
+
+    ``overlap_grad_reduce``: each gradient bucket is all-reduced as soon as the last micro-batch's backward has
+    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses."""
+    gpt = build_gpt(model=model, config=config, vocab_size=vocab_size, device=device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
         use_distributed_optimizer=use_distributed_optimizer(),

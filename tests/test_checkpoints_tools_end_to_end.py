@@ -82,6 +82,19 @@ def test_an_unsupported_model_is_refused_naming_the_file_and_what_the_pivot_cann
     assert "sqrt(hidden_size)" in out and "post_feedforward_layernorm" in out and "rope_local_base_freq" in out
 
 
+def test_a_tensor_whose_shape_contradicts_config_json_is_refused_naming_it(tmp_path):
+    """The conversion writes each tensor into the pivot as it goes; a misfit is still named by its HF name."""
+    from safetensors.torch import save_file
+
+    hf_dir = build_tiny_hf(tmp_path / "hf", family="llama")
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["model.layers.1.post_attention_layernorm.weight"] = torch.ones(65)  # hidden_size is 64
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    out = run_tool("hf_to_mcore.py", "--hf", str(hf_dir), "--out", str(tmp_path / "x"), expect_rc=2)
+    assert f"{hf_dir}: model.layers.1.post_attention_layernorm.weight has shape (65,); config.json implies (64,)" in out
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 def test_real_smollm2_converts_matches_hf_trains_and_comes_back(smollm2_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
