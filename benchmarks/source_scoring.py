@@ -29,7 +29,7 @@ from benchmarks import common
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, TokenizerType
 from infifpo_mcore.data import read_preference_rows
 from infifpo_mcore.parallel import local_device
-from infifpo_mcore.sources import SourceScorer, build_scorer, length_batches, prepare_source
+from infifpo_mcore.sources import SourceScorer, build_scorer, prepare_source
 
 
 def _source_config(args: argparse.Namespace, *, model_dir: Path, precision: str) -> SourceConfig:
@@ -50,12 +50,11 @@ def _timed_score(scorer: SourceScorer, rows) -> float:
     return time.perf_counter() - start
 
 
-def _token_deltas(reference: SourceScorer, other: SourceScorer, sequences, batch_tokens: int) -> torch.Tensor:
-    """|delta log-prob| of every response token, the same length-sorted batches under both scorers."""
-    order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index][0]))
+def _token_deltas(reference: SourceScorer, other: SourceScorer, sequences) -> torch.Tensor:
+    """|delta log-prob| of every response token, the reference's length-sorted batches under both scorers."""
     deltas = []
-    for batch in length_batches(lengths=[len(sequences[i][0]) for i in order], batch_tokens=batch_tokens):
-        chunk = [sequences[order[position]] for position in batch]
+    for indices in reference.batches(sequences):
+        chunk = [sequences[index] for index in indices]
         want, mask = reference.response_token_logps(chunk)
         got, _ = other.response_token_logps(chunk)
         deltas.append((got - want).abs()[mask].cpu())
@@ -92,7 +91,7 @@ def measure(args: argparse.Namespace) -> dict:
         median = statistics.median(seconds[precision])
         result = {"precision": precision, "seconds": median, "tokens_per_sec": tokens / median}
         if scorer is not reference:
-            deltas = _token_deltas(reference, scorer, sequences, args.batch_tokens)
+            deltas = _token_deltas(reference, scorer, sequences)
             result.update(mean_abs_delta_logp=deltas.mean().item(), max_abs_delta_logp=deltas.max().item())
         results.append(result)
     for result in results:

@@ -128,6 +128,8 @@ class _ModelState(MutableMapping):
         self.filled.add(name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.filled:
+            raise KeyError(name)
         return self.expected[name]
 
     def __delitem__(self, name: str) -> None:
@@ -140,9 +142,10 @@ class _ModelState(MutableMapping):
         return len(self.filled)
 
     def check_complete(self, *, origin: dict[str, str], source: str) -> None:
-        for name, shape in self.mismatched.items():
-            raise ConversionError(f"{source}: {origin[name]} has shape {shape}; config.json implies "
-                                  f"{tuple(self.expected[name].shape)} for it")
+        if self.mismatched:
+            raise ConversionError("; ".join(
+                f"{source}: {origin[name]} has shape {shape}; config.json implies {tuple(self.expected[name].shape)} "
+                "for it" for name, shape in self.mismatched.items()))
         missing = set(self.expected) - self.filled
         assert not missing, f"adapter bug: {sorted(missing)}"
 

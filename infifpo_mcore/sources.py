@@ -209,23 +209,23 @@ def prepare_source(source: SourceConfig, *, device: torch.device, workdir: Path)
 
 
 def load_model(*, model_dir: Path, gguf_file: str | None, precision: str, device: torch.device,
-               tensor_parallel: bool = False) -> torch.nn.Module:
+               shards: int = 1) -> torch.nn.Module:
     """A transformers causal LM, frozen, in eval mode, on ``device``; a GGUF file is dequantised (slow: 15-90 s
     for ~100M parameters on a CPU; ``export_gguf_as_hf`` keeps an fp32 copy that loads in a second or two).
 
-    ``tensor_parallel``: a collective over the default process group. Each rank loads only its shard of the
-    attention and MLP projections by the model family's own tensor-parallel plan (transformers shards over its whole
-    default group, which is why a source is sharded over every scoring rank or none); every rank then runs the
-    forward on the same batch and gets the full logits."""
+    ``shards`` > 1: tensor-parallel over the default process group, of that size, a collective. Each rank loads only
+    its shard of the attention and MLP projections by the model family's own tensor-parallel plan (transformers
+    shards over its whole default group, which is why a source is sharded over every scoring rank or none); every
+    rank then runs the forward on the same batch and gets the full logits."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     sharding = {}
-    if tensor_parallel and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if shards > 1:
         from transformers.distributed import DistributedConfig
 
         # tp_size explicitly: left out, transformers takes WORLD_SIZE, the whole job rather than the source group
-        sharding = {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=torch.distributed.get_world_size())}
+        sharding = {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=shards)}
     # Weights from safetensors only (no pickled .bin); a GGUF file holds plain arrays.
     model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=dtype,
                                                  use_safetensors=None if gguf_file else True, **sharding)
@@ -323,7 +323,7 @@ class SourceScorer:
         """
         sequences = self.encode(rows)
         sums = [0.0] * len(sequences)
-        for indices in self._batches(sequences):
+        for indices in self.batches(sequences):
             batch_sums = self._response_logps([sequences[index] for index in indices])
             for index, value in zip(indices, batch_sums.tolist(), strict=True):
                 sums[index] = value
@@ -336,7 +336,7 @@ class SourceScorer:
             return None
         sequences = self.encode(rows)
         deltas = []
-        for indices in self._batches(sequences):
+        for indices in self.batches(sequences):
             batch = [sequences[index] for index in indices]
             logps, is_response = self.response_token_logps(batch)
             reference, _ = self.response_token_logps(batch, autocast=self.reference_autocast)
@@ -345,8 +345,9 @@ class SourceScorer:
         return {"rows": len(rows), "tokens": delta.numel(), "mean_abs_delta": delta.mean().item(),
                 "max_abs_delta": delta.max().item()}
 
-    def _batches(self, sequences: list[tuple[list[int], int]]) -> list[list[int]]:
-        """Indices of ``sequences`` in batches: sorted by length (longest first, ties in order), ``batch_tokens``."""
+    def batches(self, sequences: list[tuple[list[int], int]]) -> list[list[int]]:
+        """Indices of ``sequences`` in the batches ``score`` runs: sorted by length (longest first, ties in order),
+        at most ``batch_tokens`` padded tokens each."""
         order = sorted(range(len(sequences)), key=lambda index: -len(sequences[index][0]))
         lengths = [len(sequences[index][0]) for index in order]
         return [[order[position] for position in batch]
@@ -418,17 +419,19 @@ def check_shardable(source: PreparedSource, *, ranks: int) -> None:
 
 def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: int) -> SourceScorer:
     """The source's model loaded (sharded when ``source.tensor_parallel``: a collective, see ``load_model``)."""
-    if source.tensor_parallel and torch.distributed.is_initialized():
-        check_shardable(source, ranks=torch.distributed.get_world_size())
+    distributed = torch.distributed.is_initialized()
+    shards = torch.distributed.get_world_size() if source.tensor_parallel and distributed else 1
+    if shards > 1:
+        check_shardable(source, ranks=shards)
     model = load_model(model_dir=source.model_dir, gguf_file=source.gguf_file, precision=source.precision,
-                       device=device, tensor_parallel=source.tensor_parallel)
-    if source.tensor_parallel and torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
+                       device=device, shards=shards)
+    if shards > 1 and torch.distributed.get_rank() == 0:
         from torch.distributed.tensor import DTensor
 
         held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
         logger.info("source %r sharded over %d ranks: %.1f%% of its %d parameters on each rank", source.name,
-                    torch.distributed.get_world_size(), 100 * held / total, total)
+                    shards, 100 * held / total, total)
     precision = {}
     if source.precision == "fp8":
         import transformer_engine.pytorch as te
