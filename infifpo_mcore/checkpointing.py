@@ -42,7 +42,7 @@ from megatron.core.distributed import DistributedDataParallel
 from safetensors.torch import load_file, save_file
 
 from infifpo_mcore.config import ConfigError
-from infifpo_mcore.memory import STATE_BYTES
+from infifpo_mcore.memory import STATE_BYTES, counted_precision
 from infifpo_mcore.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class CheckpointError(RuntimeError):
 def check_disk_space(*, root: Path, parameters: int, precision: str) -> None:
     """Refuses to start when the checkpoint disk cannot hold one checkpoint: the weights and the optimizer state
     (Adam's moments, + fp32 master weights in bf16) per parameter as memory.STATE_BYTES counts them."""
-    weight_bytes, _, optimizer_bytes = STATE_BYTES["bf16" if precision == "fp8" else precision]
+    weight_bytes, _, optimizer_bytes = STATE_BYTES[counted_precision(precision)]
     needed = parameters * (weight_bytes + optimizer_bytes)
     existing = next(parent for parent in (root, *root.parents) if parent.exists())
     free = shutil.disk_usage(existing).free

@@ -157,7 +157,7 @@ def layer_activation_bytes(*, model: ModelConfig, tensor: int, micro_batch_size:
                            precision: str, fused_attention: bool = True, responses_per_row: int = 2,
                            recompute: str = "none") -> int:
     """Activations one transformer layer keeps for one micro-batch on one rank (module docstring formula)."""
-    element = _ELEMENT_BYTES[_precision(precision)]
+    element = _ELEMENT_BYTES[counted_precision(precision)]
     tokens = responses_per_row * micro_batch_size * seq_length  # s * b, with b = chosen + rejected (+ chosen_pivot)
     h, heads, groups = model.hidden_size, model.num_attention_heads, model.num_query_groups
     if recompute == "full":
@@ -175,7 +175,7 @@ def activation_bytes(*, model: ModelConfig, tensor: int, pipeline: int, stage: i
                      seq_length: int, precision: str, vocab_size: int, fused_attention: bool = True,
                      responses_per_row: int = 2, recompute: str = "none") -> int:
     """Activations one micro-batch leaves on one rank of ``stage`` for its backward (module docstring formula)."""
-    element = _ELEMENT_BYTES[_precision(precision)]
+    element = _ELEMENT_BYTES[counted_precision(precision)]
     tokens = responses_per_row * micro_batch_size * seq_length
     h = model.hidden_size
     per_layer = layer_activation_bytes(model=model, tensor=tensor, micro_batch_size=micro_batch_size,
@@ -199,7 +199,7 @@ def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, 
     kept); False for Megatron's local layer spec. ``responses_per_row``: sequences per row (3 for WRPO).
     ``recompute``: 'none', 'selective' or 'full' (``train.recompute``).
     """
-    precision = _precision(precision)
+    precision = counted_precision(precision)
     weight, gradient, optimizer = STATE_BYTES[precision]
     estimates = []
     for stage in range(pipeline):
@@ -264,7 +264,8 @@ def _norm_parameters(model: ModelConfig) -> int:
     return model.hidden_size * (1 if model.normalization == "RMSNorm" else 2)
 
 
-def _precision(precision: str) -> str:
+def counted_precision(precision: str) -> str:
+    """The precision whose bytes a run's memory and checkpoints take: 'bf16' or 'fp32' ('fp8' keeps bf16 weights)."""
     if str(precision) == "fp8":  # bf16 weights and activations; TE's transient FP8 copies are not counted
         return "bf16"
     if str(precision) not in _ELEMENT_BYTES:

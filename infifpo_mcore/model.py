@@ -28,6 +28,11 @@ _ACTIVATIONS = {
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: bf16 weights, FP8 GEMMs
 
 
+def params_dtype(precision: str) -> torch.dtype:
+    """The dtype of the pivot's weights for ``train.precision`` (resolved): what the model and optimizer use."""
+    return _DTYPES[precision]
+
+
 def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
@@ -49,7 +54,7 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
     """``recompute``: 'none', 'selective' (Megatron's core-attention recomputation) or 'full' (every layer,
     uniformly, one layer per checkpoint)."""
     activation, gated = _ACTIVATIONS[model.activation]
-    dtype = _DTYPES[precision]
+    dtype = params_dtype(precision)
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -70,7 +75,7 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         pipeline_model_parallel_size=pipeline,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        bf16=precision in ("bf16", "fp8"),
+        bf16=dtype == torch.bfloat16,
         # TE layers run their GEMMs in FP8 (E4M3 forward, E5M2 gradients) under the context Megatron's
         # TransformerBlock enters itself; delayed scaling, Megatron's default recipe.
         fp8="hybrid" if precision == "fp8" else None,

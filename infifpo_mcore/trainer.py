@@ -41,6 +41,7 @@ from infifpo_mcore.memory import (choose_micro_batch_size, device_memory_bytes, 
 from infifpo_mcore.model import (
     build_pivot,
     build_transformer_config,
+    params_dtype,
     transformer_engine_available,
     use_distributed_optimizer,
 )
@@ -98,6 +99,7 @@ def _row_tokens(example) -> int:
 
 def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
     train = cfg.train
+    dtype = params_dtype(precision)
     config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,
@@ -106,8 +108,8 @@ def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
         adam_beta1=train.adam_beta1,
         adam_beta2=train.adam_beta2,
         clip_grad=train.grad_clip,
-        bf16=precision in ("bf16", "fp8"),
-        params_dtype=torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
         use_distributed_optimizer=use_distributed_optimizer(),
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
