@@ -82,16 +82,11 @@ class Recompute(StrEnum):
 
 
 class Precision(StrEnum):
+    """The pivot's (train.precision) and each source's; ``resolve_precision`` says what auto means on a device."""
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
-    fp8 = "fp8"  # bf16 weights, FP8 matmuls through Transformer Engine (Megatron's fp8="hybrid", delayed scaling)
-
-
-class SourcePrecision(StrEnum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
+    # bf16 weights, FP8 matmuls through Transformer Engine (the pivot: Megatron's fp8="hybrid", delayed scaling)
     fp8 = "fp8"
 
 
@@ -156,7 +151,7 @@ class SourceConfig:
     path: str = ""  # a HF model directory, or pkg://package/relative/dir inside an installed package
     gguf_file: str | None = None  # a GGUF file in `path` to load (dequantised by transformers) instead of HF weights
     tokenizer: SourceTokenizerConfig = field(default_factory=SourceTokenizerConfig)
-    precision: SourcePrecision = SourcePrecision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
+    precision: Precision = Precision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
     # Shard the model's layers over every rank that scores (the source group online, the torchrun ranks offline)
     # by transformers' tensor-parallel plan: for a source too big for one device
     tensor_parallel: bool = False
@@ -178,7 +173,8 @@ class SourcesConfig:
 @dataclass
 class LossConfig:
     type: LossType = LossType.infifpo
-    beta: float = 0.1  # for ipo this is tau
+    beta: float = 0.1
+    ipo_tau: float | None = None  # IPO's tau (its margin target is 1 / (2 tau)); null: beta
     length_norm: bool = True
     clip: bool = True
     fusion: Fusion = Fusion.mean
@@ -389,7 +385,7 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                 "model.ffn_hidden_size", "model.vocab_size", "model.seq_length", "model.make_vocab_size_divisible_by",
                 "model.rotary_base", "model.init_method_std", "model.norm_epsilon", "model.max_position_embeddings",
                 "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "train.eval_interval",
-                "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta",
+                "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta", "loss.ipo_tau",
                 "data.max_prompt_length", "train.micro_batch_size",
                 "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval",
                 "checkpoint.keep_last", "train.max_consecutive_bad_steps", "parallel.timeout_minutes",
@@ -436,9 +432,12 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
     if cfg.sources.num_ranks and not cfg.sources.models:
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): no sources.models to run on those ranks")
-    if cfg.sources.num_ranks and cfg.loss.type not in (LossType.infifpo, LossType.fpo):
+    from infifpo_mcore.losses import LOSSES  # here: loading a config should not pay for importing torch elsewhere
+
+    if cfg.sources.num_ranks and not LOSSES[cfg.loss.type].uses_sources:
+        users = " | ".join(name for name, spec in LOSSES.items() if spec.uses_sources)
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "
-                        "scores; use 0, or loss.type infifpo | fpo")
+                        f"scores; use 0, or loss.type {users}")
     if cfg.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
         problems.append("logging.wandb_project: set, but wandb is not installed (pip install wandb, or null)")
     names = [source.name for source in cfg.sources.models]
@@ -451,7 +450,7 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         if source.tensor_parallel and source.gguf_file:
             problems.append(f"sources.models[{index}].tensor_parallel: a GGUF source is not sharded; export it to a "
                             "HF directory first (infifpo_mcore.sources.export_gguf_as_hf) or set tensor_parallel false")
-        if source.tensor_parallel and source.precision == SourcePrecision.fp8:
+        if source.tensor_parallel and source.precision == Precision.fp8:
             problems.append(f"sources.models[{index}].tensor_parallel: FP8 sources (Transformer Engine layers) are "
                             "not sharded; use precision bf16 or tensor_parallel false")
     return problems
@@ -525,19 +524,10 @@ def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
     return data_parallel
 
 
-def auto_precision() -> str:
-    """What precision 'auto' means for the pivot and the sources: bf16 on a CUDA device with bf16 support, else fp32."""
-    import torch  # here, not at the top: loading and checking a config should not pay for importing torch
-
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def fp8_missing(device) -> list[str]:
     """Why FP8 matmuls cannot run on ``device`` (a torch.device): empty when an FP8 GPU (Hopper, Ada) and
     Transformer Engine are both there."""
-    import importlib.util
-
-    import torch
+    import torch  # here, not at the top: loading and checking a config should not pay for importing torch
 
     missing = []
     if device.type != "cuda":
@@ -549,9 +539,19 @@ def fp8_missing(device) -> list[str]:
     return missing
 
 
-def resolve_precision(cfg: InfiFPOConfig) -> str:
-    """The pivot's precision: 'fp32', 'bf16' or 'fp8' (see ``auto_precision``)."""
-    return auto_precision() if cfg.train.precision == Precision.auto else cfg.train.precision.value
+def resolve_precision(precision: Precision | str, *, device, what: str) -> str:
+    """'fp32', 'bf16' or 'fp8': what a configured precision (the pivot's or a source's, named ``what`` in errors)
+    means on ``device`` (a torch.device). auto: bf16 on a CUDA device that supports it, else fp32. fp8 without an
+    FP8 GPU and Transformer Engine raises ConfigError with the reason rather than fall back: the numbers would
+    differ."""
+    import torch
+
+    if precision == Precision.auto:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == Precision.fp8 and (missing := fp8_missing(device)):
+        raise ConfigError([f"{what}: fp8 needs an FP8 GPU (Hopper, Ada) with Transformer Engine; here: "
+                           f"{'; '.join(missing)}. Use bf16 or auto."])
+    return Precision(precision).value
 
 
 def to_dict(cfg: InfiFPOConfig) -> dict[str, Any]:

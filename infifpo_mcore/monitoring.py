@@ -20,14 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from infifpo_mcore.losses import LossOptions, loss_spec
+
 logger = logging.getLogger(__name__)
 
-# Keys every line of metrics.jsonl carries (the DESIGN.md contract); the trainer may add more.
-REQUIRED_STEP_KEYS = (
-    "step", "loss", "lr", "grad_norm",
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "tokens_per_sec",
-)
 
 
 @dataclass(frozen=True)
@@ -211,6 +207,20 @@ def gpt_flops_per_token(*, num_layers: int, hidden_size: int, ffn_hidden_size: i
     return 6 * matmul_params + attention_flops
 
 
+def flops_budget(*, model, vocab_size: int, world_size: int) -> tuple[float, float | None]:
+    """Training FLOPs per token of the pivot (``model``: its ``config.ModelConfig``, ``vocab_size`` padded), and the
+    job's peak FLOP/s where the GPU is known (None on CPU: no MFU there)."""
+    flops_per_token = gpt_flops_per_token(
+        num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+        vocab_size=vocab_size, seq_length=model.seq_length, swiglu=str(model.activation) == "swiglu",
+    )
+    if not torch.cuda.is_available():
+        return flops_per_token, None
+    peak = peak_bf16_flops(device_name=torch.cuda.get_device_name())
+    return flops_per_token, peak * world_size if peak else None
+
+
 def mfu(*, flops_per_token: float, tokens_per_sec: float, peak_flops: float) -> float:
     """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak FLOP/s of the devices that
     produced ``tokens_per_sec`` (per-device peak x device count when the rate is global)."""
@@ -279,18 +289,18 @@ def gpu_stats(*, device: int | None = None) -> dict[str, float]:
     return stats
 
 
-def describe_reference(*, loss_type: str, num_sources: int, fusion: str, include_pivot_init: bool) -> str:
-    """The summary's "reference:" text: what the policy was compared against."""
-    if loss_type in ("dpo", "ipo", "wrpo"):
+def describe_reference(*, loss_type: str, options: LossOptions, num_sources: int) -> str:
+    """The summary's "reference:" text: what the policy was compared against (read from the loss spec)."""
+    spec = loss_spec(loss_type)
+    if not spec.uses_sources:
         detail = ("the data carries no source scores" if num_sources == 0
                   else f"the {num_sources} source scores in the data are not used")
         return f"pivot init ({loss_type.upper()}) — {detail}"
-    # FPO has no fusion strategies: it always averages the sources.
-    fusion_used = "mean" if loss_type == "fpo" else fusion
+    applied = spec.options_for(options)
     members = f"{num_sources} source{'' if num_sources == 1 else 's'}"
-    if include_pivot_init:
+    if applied.include_pivot_init:
         members += " + pivot init"
-    return f"fused from {members} (fusion={fusion_used})"
+    return f"fused from {members} (fusion={applied.fusion})"
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,11 @@ from pathlib import Path
 
 import torch
 
+from infifpo_mcore.atomic_files import write_atomically
 from infifpo_mcore.checkpointing import LATEST
-from infifpo_mcore.config import InfiFPOConfig, SourceConfig, auto_precision, fp8_missing
-from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows
-from infifpo_mcore.parallel import local_device
+from infifpo_mcore.config import ConfigError, InfiFPOConfig, SourceConfig, resolve_precision
+from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows, row_key
+from infifpo_mcore.parallel import local_device, standalone_job
 from infifpo_mcore.pivot_card import CARD_FILE
 from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError, build_tokenizer, resolve_path
 
@@ -62,12 +63,6 @@ _MIB = 1 << 20
 
 class SourceError(RuntimeError):
     """A source model, its cache or the scoring output cannot be used as configured."""
-
-
-def row_key(row: PreferenceRow) -> str:
-    """Identity of a row's content (prompt messages, chosen, rejected), independent of its id and position."""
-    content = json.dumps([row.prompt, row.chosen, row.rejected], ensure_ascii=False, sort_keys=True)
-    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:32]
 
 
 def _digest(*parts: bytes | str) -> str:
@@ -149,19 +144,6 @@ def weights_fingerprint(*, model_dir: Path, gguf_file: str | None) -> str:
     return _digest(*(part for path in files for part in _file_sample(path)))
 
 
-def resolve_precision(*, name: str, precision: str, device: torch.device) -> str:
-    """'fp32', 'bf16' or 'fp8' (auto: ``config.auto_precision``). fp8 needs an FP8 GPU and Transformer Engine:
-    without them this raises rather than fall back, as the scores would differ."""
-    if precision == "auto":
-        return auto_precision() if device.type == "cuda" else "fp32"
-    if precision != "fp8":
-        return precision
-    if missing := fp8_missing(device):
-        raise SourceError(f"source {name!r}: precision fp8 needs an NVIDIA GPU with FP8 (Hopper, Ada) and "
-                          f"Transformer Engine; here: {'; '.join(missing)}. Use precision bf16 or auto.")
-    return precision
-
-
 @dataclass
 class PreparedSource:
     """A source ready to score: its tokenizer built, its fingerprint taken; the model is loaded later."""
@@ -180,7 +162,10 @@ def prepare_source(source: SourceConfig, *, device: torch.device, workdir: Path)
     model_dir = resolve_model_dir(source)
     if is_megatron_checkpoint(model_dir):
         model_dir = export_megatron_source(name=source.name, checkpoint=model_dir, out_dir=workdir / "hf")
-    precision = resolve_precision(name=source.name, precision=str(source.precision), device=device)
+    try:
+        precision = resolve_precision(source.precision, device=device, what=f"source {source.name!r} precision")
+    except ConfigError as error:  # a source rank's error: raised as the source's, which every log shows
+        raise SourceError(error.problems[0]) from None
     tokenizer_path = source.tokenizer.path
     if tokenizer_path is None and source.gguf_file:
         from transformers import AutoTokenizer
@@ -487,7 +472,7 @@ class ScoreCache:
     def register(self, fingerprints: dict[str, dict[str, str]]) -> None:
         """Add the configured sources to the manifest (rank 0 only; atomic replace)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.manifest_path, json.dumps({**self.manifest(), **fingerprints}, indent=2))
+        write_atomically(self.manifest_path, json.dumps({**self.manifest(), **fingerprints}, indent=2))
 
     def load(self) -> dict[str, dict[str, RowScores]]:
         """``{source name: {row key: scores}}`` from every complete line of every part file."""
@@ -517,33 +502,9 @@ class ScoreCache:
             yield append
 
 
-@contextlib.contextmanager
-def _process_group() -> Iterator[tuple[int, int]]:
-    """(rank, world size): a gloo group under torchrun (only barriers cross it), none for a plain process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        yield 0, 1
-        return
-    # Ranks done with their chunks wait at a barrier for the slowest; the default timeout (30 min) would end a long
-    # scoring job after its work was done. NCCL for the GPU tensors of a sharded source's forward.
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend, timeout=timedelta(hours=24))
-    try:
-        yield torch.distributed.get_rank(), world
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a part: written beside it, then renamed over it."""
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text, encoding="utf-8")
-    staging.replace(path)
 
 
 def _check_output(*, out: Path, data_path: Path) -> None:
@@ -570,7 +531,8 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
     keys = [row_key(row) for row in rows]
     cache = ScoreCache(directory=out_path.with_name(out_path.name + ".cache"))
     device = local_device()
-    with _process_group() as (rank, world), tempfile.TemporaryDirectory() as workdir:
+    # Ranks done with their chunks wait at a barrier for the slowest: a long scoring job must not time out there.
+    with standalone_job(timeout=timedelta(hours=24)) as (rank, world), tempfile.TemporaryDirectory() as workdir:
         sources = [prepare_source(source, device=device, workdir=Path(workdir) / str(index))
                    for index, source in enumerate(cfg.sources.models)]
         fingerprints = {source.name: source.fingerprint for source in sources}
@@ -639,7 +601,7 @@ def _write_output(*, out: Path, rows: list[PreferenceRow], keys: list[str], data
         raise SourceError(f"{len(missing)} (source, row) scores missing from the cache after scoring, e.g. "
                           f"{missing[:3]}; was a rank stopped? Run again to score them.")
     sidecar = out.with_name(out.name + ".sources.json")
-    _write_atomically(sidecar, json.dumps({"data": str(data_path), "rows": len(rows),
+    write_atomically(sidecar, json.dumps({"data": str(data_path), "rows": len(rows),
                                            "sources": [{"name": s.name, **s.fingerprint} for s in sources]}, indent=2))
     replaced = 0
     lines = []
@@ -658,7 +620,7 @@ def _write_output(*, out: Path, rows: list[PreferenceRow], keys: list[str], data
         )
         record.update(zip(FUSE_FIELDS, fused))
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    _write_atomically(out, "".join(lines))
+    write_atomically(out, "".join(lines))
     if replaced:
         logger.warning("%d input rows already had fuse_* scores; they were replaced", replaced)
     logger.info("wrote %s: %d rows x %d source(s) (%s)", out, len(rows), len(sources),

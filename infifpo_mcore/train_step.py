@@ -1,8 +1,9 @@
 """``forward_step`` for Megatron-Core's pipeline schedule, and the loss on the last pipeline stage.
 
 Schedule contract: ``forward_step(data_iterator, model) -> (output, loss_func)``. Every stage runs the model; only the
-last stage's output (vocab-sharded logits) reaches ``loss_func``, which turns it into response log-probs, joins the
-reference scores the batch carries (pivot init, sources) and applies the pure loss from ``losses``.
+last stage's output (vocab-sharded logits) reaches ``loss_func``, which turns it into response log-probs, adds the
+reference scores the batch carries (``batch["reference"]``, joined by ``references``) and applies the pure loss
+from ``losses``.
 
 Loss scaling: ``loss_func`` returns the mean over its micro-batch's rows; the schedule divides by the number of
 micro-batches and Megatron DDP averages gradients over data-parallel ranks, so the gradient is that of the mean over
@@ -11,6 +12,7 @@ the global batch (every micro-batch has the same number of rows).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Callable, Iterator
 
@@ -28,16 +30,6 @@ ROW_IDS = "row_ids"
 ROW_LOSSES = "row_losses"
 PER_ROW_KEYS = (ROW_IDS, ROW_LOSSES)
 
-_REFERENCE_KEYS = (
-    "init_chosen_logps",
-    "init_rejected_logps",
-    "init_chosen_pivot_logps",
-    "source_chosen_logps",
-    "source_rejected_logps",
-    "source_chosen_lengths",
-    "source_rejected_lengths",
-)
-
 
 def _run_model(model: torch.nn.Module, batch: PreferenceBatch) -> Tensor:
     set_response_positions(model, response_positions(batch["loss_mask"]))
@@ -53,33 +45,26 @@ def _response_logps(logits: Tensor, batch: PreferenceBatch) -> dict[str, tuple[T
                                             split_responses(lengths, groups=groups), strict=True)))
 
 
-def _row_losses(responses: dict[str, tuple[Tensor, Tensor]], batch: PreferenceBatch, loss: LossConfig,
-                wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """``responses``: ``_response_logps``'s output, computed once per micro-batch (the vocab-parallel log-softmax
-    works on the logits in place, so a second pass over the same logits would read garbage)."""
+def loss_rows(responses: dict[str, tuple[Tensor, Tensor]], batch: PreferenceBatch, loss: LossConfig,
+              wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-row loss ``[B]`` and metrics of the policy's ``responses`` (``{name: (sums [B], lengths [B])}``, computed
+    once per micro-batch: the vocab-parallel log-softmax works on the logits in place, so a second pass over the
+    same logits would read garbage) against the batch's reference, with every option of ``loss``."""
     logps: losses.PreferenceLogps = {}
     for name, (sums, lengths) in responses.items():
         logps[f"policy_{name}_logps"], logps[f"policy_{name}_lengths"] = sums, lengths
-    logps.update({key: batch[key] for key in _REFERENCE_KEYS if key in batch})
-    return losses.compute_loss(
-        loss_type=loss.type,
-        logps=logps,
-        beta=loss.beta,
-        length_norm=loss.length_norm,
-        clip=loss.clip,
-        fusion=loss.fusion,
-        include_pivot_init=loss.include_pivot_init,
-        wrpo_alpha=wrpo_alpha,
-    )
+    logps.update(batch.get("reference", {}))
+    options = losses.loss_options(loss, wrpo_alpha=wrpo_alpha)
+    return losses.compute_loss(loss_type=str(loss.type), logps=logps, **dataclasses.asdict(options))
 
 
 def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
                     wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Last stage: response ``logits [1, n, V/TP]`` -> (mean loss over the B rows, metrics averaged over the rows,
     plus ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``). ``wrpo_alpha``: WRPO's current alpha."""
-    row_losses, row_metrics = _row_losses(_response_logps(logits, batch), batch, loss, wrpo_alpha)
+    row_losses, row_metrics = loss_rows(_response_logps(logits, batch), batch, loss, wrpo_alpha)
     mean_loss = row_losses.mean()
-    # The schedule divides the returned loss in place: report a copy (NOTES.md).
+    # Megatron's schedule divides the returned loss by the micro-batch count in place: report a copy.
     reported = {"loss": mean_loss.detach().clone()}
     reported.update({name: value.detach().float().mean() for name, value in row_metrics.items()})
     reported.update({ROW_IDS: batch["row_ids"], ROW_LOSSES: row_losses.detach()})
@@ -92,7 +77,7 @@ def evaluation_rows(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
     also the policy's own log-probs (sums, token counts) and ``policy_margin``, its chosen - rejected per-token
     log-prob: a held-out measure that, unlike the rewards, does not depend on the loss's reference."""
     responses = _response_logps(logits, batch)
-    row_losses, row_metrics = _row_losses(responses, batch, loss, wrpo_alpha)
+    row_losses, row_metrics = loss_rows(responses, batch, loss, wrpo_alpha)
     rows = {"row_ids": batch["row_ids"], "loss": row_losses.detach()}
     rows.update({name: value.detach().float() for name, value in row_metrics.items()})
     for name in ("chosen", "rejected"):

@@ -246,10 +246,18 @@ def test_validate_layout_rejects(world_size, overrides, fragments):
 def test_resolve_precision(monkeypatch, precision, cuda, bf16_supported, expected):
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
-    resolved = resolve_precision(load_config(overrides=[f"train.precision={precision}"]))
+    device = torch.device("cuda" if cuda else "cpu")  # the pivot's and every source's: one resolver
+    resolved = resolve_precision(load_config(overrides=[f"train.precision={precision}"]).train.precision,
+                                 device=device, what="train.precision")
     assert resolved == expected and type(resolved) is str
+
+
+def test_fp8_without_an_fp8_gpu_and_transformer_engine_is_refused_with_the_way_out():
+    import torch
+
+    with pytest.raises(ConfigError, match=r"source 'big' precision: fp8 needs .*no CUDA device.*Use bf16 or auto"):
+        resolve_precision("fp8", device=torch.device("cpu"), what="source 'big' precision")
 
 
 def test_to_dict_holds_plain_values():

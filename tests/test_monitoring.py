@@ -11,8 +11,8 @@ import torch
 
 from infifpo_mcore import monitoring
 from infifpo_mcore.config import ConfigError, load_config
+from infifpo_mcore.losses import LossOptions
 from infifpo_mcore.monitoring import (
-    REQUIRED_STEP_KEYS,
     MetricsLogger,
     ProgressBar,
     Throughput,
@@ -54,7 +54,7 @@ def test_metrics_logger_writes_one_flushed_json_line_per_step(tmp_path):
 
     assert [record["step"] for record in records] == [1, 2, 3]
     for record in records:
-        assert set(REQUIRED_STEP_KEYS) <= record.keys()
+        assert set(step_metrics(1)) | {"step"} <= record.keys()
         expected = step_metrics(record["step"])
         assert {name: record[name] for name in expected} == pytest.approx(expected)
     assert logger.metrics_path == run_dir / "metrics.jsonl"
@@ -274,8 +274,8 @@ def test_summary_reports_the_numbers(tmp_path):
     history = [step_metrics(step) for step in range(1, 11)]
     summary = summarize_run(
         history=history, accuracy_window=4, tokens_per_sec=1234.5, wall_seconds=83.4,
-        reference=describe_reference(loss_type="infifpo", num_sources=2, fusion="max_margin",
-                                     include_pivot_init=True),
+        reference=describe_reference(loss_type="infifpo", num_sources=2, options=LossOptions(
+            beta=0.1, length_norm=True, clip=True, fusion="max_margin", include_pivot_init=True)),
         checkpoint_path="runs/tiny/checkpoints/iter_0000010", metrics_path=str(tmp_path / "metrics.jsonl"),
         mfu=0.123,
     )
@@ -308,4 +308,5 @@ def test_summary_of_a_run_without_steps():
     ({"loss_type": "fpo", "num_sources": 2}, "fused from 2 sources (fusion=mean)"),
 ])
 def test_describe_reference(kwargs, expected):
-    assert describe_reference(fusion="sum", include_pivot_init=False, **kwargs) == expected
+    options = LossOptions(beta=0.1, length_norm=True, clip=True, fusion="sum", include_pivot_init=False)
+    assert describe_reference(options=options, **kwargs) == expected

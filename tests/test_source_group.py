@@ -116,7 +116,8 @@ def test_a_source_rank_that_fails_ends_the_job_promptly_with_its_error(online_se
 
 
 def _silent_sources_worker(rank: int, port: int, results) -> None:
-    """Rank 0 trains (alone), rank 1 is a source leader that takes the handshake and the grant, then never sends."""
+    """Rank 0 trains (alone), rank 1 is a source leader that says it is ready, takes the handshake and the grant,
+    then never sends."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     import torch.distributed as dist
@@ -127,6 +128,7 @@ def _silent_sources_worker(rank: int, port: int, results) -> None:
     job = join_job(source_ranks=1, bridge_timeout=timedelta(seconds=3))
     try:
         if job.is_source_rank:
+            job.bridge.send([torch.ones(1, dtype=torch.int64)], 0, source_group._READY).wait()
             grant = job.bridge.recv([torch.zeros(1, dtype=torch.int64)], 0, source_group._CONTROL)
             job.bridge.recv([torch.zeros(2, dtype=torch.int64)], 0, source_group._HANDSHAKE).wait()
             grant.wait()

@@ -24,7 +24,7 @@ from infifpo_mcore import sources as sources_module
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
 from infifpo_mcore.sources import (PreparedSource, SourceError, SourceScorer, build_scorer, check_shardable,
-                                   fp8_gemm_fits, length_batches, prepare_source, resolve_precision, score_sources)
+                                   fp8_gemm_fits, length_batches, prepare_source, score_sources)
 from infifpo_mcore.tokenization import build_tokenizer
 from tests import source_models
 from tests.distributed import free_port
@@ -182,10 +182,12 @@ def test_a_megatron_checkpoint_source_scores_as_its_hf_original(tiny_sources, da
                        workdir=tmp_path / "gguf")
 
 
-def test_fp8_without_hopper_and_transformer_engine_is_refused_with_the_way_out():
-    with pytest.raises(SourceError, match=r"source 'big': precision fp8 needs .*no CUDA device.*Use precision bf16"):
-        resolve_precision(name="big", precision="fp8", device=CPU)
-    assert resolve_precision(name="big", precision="auto", device=CPU) == "fp32"
+def test_fp8_without_hopper_and_transformer_engine_is_refused_with_the_way_out(tiny_sources):
+    fp8 = SourceConfig(**{**tiny_sources[1], "precision": "fp8"})
+    with pytest.raises(SourceError, match=r"source 'qwen' precision: fp8 needs .*no CUDA device.*Use bf16 or auto"):
+        prepare_source(fp8, device=CPU, workdir=Path("unused"))
+    auto = prepare_source(SourceConfig(**tiny_sources[1]), device=CPU, workdir=Path("unused"))
+    assert auto.precision == "fp32"
 
 
 # --- the scoring run ----------------------------------------------------------------------------------------------
