@@ -104,6 +104,42 @@ def test_online_source_ranks_train_like_the_offline_cache(source_ranks, sharded,
 
 
 @pytest.mark.distributed
+def test_online_sources_leave_out_the_rows_the_trainer_leaves_out(online_setup, offline_metrics, tmp_path):
+    """Issue #16, 2: with data.skip_invalid_rows an invalid row is left out by the source ranks too (they load the
+    data through the trainer's loader; they used to load it without skip_invalid and die on it, and with other
+    options could score other rows, which nothing checked). The 16 valid rows then train as the offline cache."""
+    train = tmp_path / "train.jsonl"
+    invalid = json.dumps({"prompt": "2 + 2?", "chosen": "4", "rejected": "4"})
+    train.write_text(online_setup["train"].read_text() + invalid + "\n")
+    run_training(nproc=5, overrides=_overrides(
+        tmp_path / "run", train, online_setup["eval"], "sources.num_ranks=1", "data.skip_invalid_rows=true",
+        f"sources.models={json.dumps(online_setup['sources'])}", "sources.batch_tokens=256"))
+    assert "17 rejected: identical to chosen" in (tmp_path / "run" / "skipped_rows.train.jsonl.txt").read_text()
+    online = read_metrics(tmp_path / "run")
+    for got, want in zip(online, offline_metrics, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm", "eval/loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+
+
+@pytest.mark.distributed
+def test_sources_slower_to_load_than_the_training_timeout_do_not_end_the_job(online_setup, tmp_path):
+    """Issue #16, 3: a source that takes 30 s to load, training collectives that time out after 12 s. Training rank
+    0 used to wait alone for the source leader while rank 1 went on into the pivot-init scoring, and timed out
+    there; every training rank now waits on the bridge (sources.timeout_minutes) until the sources are ready."""
+    from tests.reliability.torchrun import WORKERS, Run
+
+    run_dir = tmp_path / "run"
+    run = Run(nproc=3, entry=WORKERS / "slow_source_load.py", log=tmp_path / "run.log",
+              env={"SLOW_SOURCE_SECONDS": "30"}, overrides=_overrides(
+                  run_dir, online_setup["train"], online_setup["eval"], "data.eval_path=null", "parallel.tensor=1",
+                  "parallel.pipeline=1", "train.steps=2", "parallel.timeout_minutes=0.2", "sources.num_ranks=1",
+                  f"sources.models={json.dumps(online_setup['sources'][:1])}"))
+    assert run.finish(timeout=400) == 0, run.output[-6000:]
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+
+
+@pytest.mark.distributed
 def test_a_source_rank_that_fails_ends_the_job_promptly_with_its_error(online_setup, tmp_path):
     broken = [dict(online_setup["sources"][0], path=str(tmp_path / "no-such-model")), online_setup["sources"][1]]
     started = time.monotonic()

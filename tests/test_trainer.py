@@ -139,6 +139,20 @@ def test_infifpo_max_margin_at_tp2_pp2_equals_tp1_and_reports_fusion(
         assert 0.0 <= metrics["fusion/clip_rate_chosen"] <= 1.0
 
 
+def test_infifpo_max_margin_without_clip_scores_the_pivot_init_it_needs(data_with_source_scores, tmp_path):
+    """Issue #16, 1: max_margin picks each row's source by its distance to the pivot init's margin, so it needs the
+    init's scores also without clip and include_pivot_init; such a run used to decide it needed none and die with a
+    ValueError on the last stage at step 1."""
+    result = run_training(nproc=1, overrides=_overrides(
+        data_with_source_scores, tmp_path, "loss.type=infifpo", "loss.fusion=max_margin", "loss.clip=false",
+        "loss.include_pivot_init=false", "parallel.tensor=1", "parallel.pipeline=1", "train.steps=2",
+        "data.eval_path=null"))
+    assert "scoring its 24 rows with the pivot init" in result.stderr
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(sum(m[f"fusion/picked_source_{i}"] for i in range(2)) == pytest.approx(1.0) for m in metrics)
+
+
 def test_eval_on_start_and_per_row_dumps_cover_every_held_out_row_once(small_data, tmp_path):
     """Pipeline 2 x data-parallel 2 over 5 held-out rows: the shares are padded, the dump still has each row once,
     in file order, and its rows average to the logged evaluation metrics."""
