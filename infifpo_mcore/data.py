@@ -404,7 +404,6 @@ class PreferenceDataset:
         self.num_skipped_rows = num_skipped_rows
         fuse = rows[0].cached.get("fuse_chosen_logps", []) if rows else []
         self.num_sources = len(fuse)
-        self.has_init_logps = bool(rows) and "ref_chosen_logps" in rows[0].cached
 
     def __len__(self) -> int:
         return len(self.examples)

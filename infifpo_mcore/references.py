@@ -32,7 +32,7 @@ from torch import Tensor
 from infifpo_mcore.config import ConfigError, InfiFPOConfig
 from infifpo_mcore.data import (CHOSEN_PIVOT, PreferenceBatch, PreferenceDataset, PreferenceRow,
                                 load_preference_dataset, token_count)
-from infifpo_mcore.losses import LossOptions, LossSpec, loss_options, loss_spec
+from infifpo_mcore.losses import LOSSES, LossOptions, LossSpec, loss_options, loss_spec
 from infifpo_mcore.source_group import ScoreReceiver, SourceGroupError, unpack_scores
 from infifpo_mcore.tokenization import ChatTokenizer
 
@@ -129,9 +129,10 @@ class References:
                                 f"{cfg.sources.num_ranks} would score them again online; train from the cached "
                                 "ones with sources.num_ranks=0")
             elif self.spec.uses_sources and not self.online_sources and not dataset.num_sources:
+                others = ", ".join(name for name, spec in LOSSES.items() if not spec.uses_sources)
                 problems.append(f"loss.type={cfg.loss.type} needs source scores (fuse_* fields) in {path}, which "
                                 "has none; score the sources first (launch/score_sources.py) or use a loss whose "
-                                "reference is the pivot init (dpo, ipo)")
+                                f"reference is the pivot init ({others})")
             init = [key for key in self.needed if key.startswith("init_")]
             keep = list(SOURCE_KEYS) if self.spec.uses_sources and not self.online_sources else []
             if init and all(key in cached for key in init):
@@ -149,8 +150,9 @@ class References:
     def unscored_responses(self, split: str) -> list[str]:
         """The responses whose pivot-init scores the split needs and has no origin for (then the pivot init scores
         all of the spec's responses)."""
+        held = self.tables[split].keys() | self.scored[split]  # scored: on the last stage, the same on every rank
         return [response for response in self.spec.responses
-                if init_key(response) in self.needed and init_key(response) not in self.tables[split]]
+                if init_key(response) in self.needed and init_key(response) not in held]
 
     def add_scored(self, split: str, scores: dict[str, Tensor] | None) -> None:
         """``scores``: ``{"{response}_logps": [rows]}`` of the pivot init (the last stage's; None elsewhere)."""
@@ -167,16 +169,22 @@ class References:
 
     def load_state_dict(self, state: dict[str, Tensor], *, where: str) -> None:
         """Scores a checkpoint (``where``) saved; they take precedence over cached ones (the reference the run
-        started with). Columns no split needs are ignored."""
+        started with) and are saved again with every checkpoint, also those this loss does not read (a later run
+        with other options may)."""
         for split, dataset in self.datasets.items():
-            for response in self.spec.responses:
-                key, saved = init_key(response), _STATE_PREFIX[split] + f"{response}_logps"
-                if key not in self.needed or saved not in state:
+            prefix = _STATE_PREFIX[split]
+            for saved, values in state.items():
+                response = saved.removeprefix(prefix).removesuffix("_logps")
+                if not saved.startswith(prefix) or "/" in response:
                     continue
-                if len(state[saved]) != len(dataset):
-                    raise ConfigError(f"{where} holds pivot-init scores of {len(state[saved])} {split} rows, the "
-                                      f"data ({self.paths[split]}) has {len(dataset)}: it was trained on other data")
-                self.tables[split][key] = state[saved]
+                key = init_key(response)
+                if len(values) != len(dataset):
+                    if key in self.needed:
+                        raise ConfigError(f"{where} holds pivot-init scores of {len(values)} {split} rows, the "
+                                          f"data ({self.paths[split]}) has {len(dataset)}: it was trained on other "
+                                          "data")
+                    continue
+                self.tables[split][key] = values
                 self.scored[split].add(key)
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 Message = dict[str, str]
 # A rendered prompt before encoding: text pieces and special-token ids, in order.
@@ -34,17 +34,6 @@ Segment = str | int
 
 class TokenizerError(ValueError):
     """A tokenizer or chat template cannot be built or cannot encode the given messages."""
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 def resolve_path(path: str) -> Path:
@@ -300,7 +289,8 @@ def _jinja_template(source: str, backend: Backend) -> NamedTemplate:
 
 
 class ChatTokenizer:
-    """A backend plus a chat template; the ``Tokenizer`` protocol plus ``encode_prompt``/``encode_response``."""
+    """A backend plus a chat template: ``vocab_size``, ``bos_id``, ``eos_id``, ``pad_id``, ``encode``, ``decode``, and
+    ``encode_prompt``/``encode_response``."""
 
     def __init__(self, *, backend: Backend, template: NamedTemplate, template_name: str, template_source: str):
         self._backend = backend

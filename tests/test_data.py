@@ -47,7 +47,7 @@ def test_three_row_forms_tokenise_identically(tmp_path, tokenizer):
         {"chosen": conversation + [{**ANSWER, "content": "It is 4."}],
          "rejected": conversation + [{**ANSWER, "content": "It is 5."}]})
     dataset = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
-    assert len(dataset) == 3 and dataset.num_sources == 0 and not dataset.has_init_logps
+    assert len(dataset) == 3 and dataset.num_sources == 0 and cached_columns(dataset) == {}
     assert [e["id"] for e in dataset] == [1, 2, 3]  # default id: the line number
     first = dataset[0]
     assert first["prompt_ids"] == tokenizer.encode_prompt(conversation)
@@ -300,7 +300,7 @@ def test_bundled_fused_data_is_the_same_rows_scored_by_two_sources_with_their_ow
         assert [row.id for row in fused.rows] == [row.id for row in plain.rows]
         assert [(e["chosen_ids"], e["rejected_ids"]) for e in fused] == [(e["chosen_ids"], e["rejected_ids"])
                                                                           for e in plain]
-        assert fused.num_sources == 2 and not fused.has_init_logps
+        assert fused.num_sources == 2 and "init_chosen_logps" not in cached_columns(fused)
         sidecar = json.loads((REPO / f"launch/data/tiny_fused_{split}.jsonl.sources.json").read_text())
         assert [source["name"] for source in sidecar["sources"]] == ["smollm2-135m-instruct", "gemma-3-270m"]
         assert len({source["tokenizer"] for source in sidecar["sources"]}) == 2

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from infifpo_mcore.config import ConfigError, load_config
+from infifpo_mcore.config import ConfigError, LossType, load_config
 from infifpo_mcore.data import DataError, collate_pairs
 from infifpo_mcore.losses import LOSSES, LossOptions, compute_loss
 from infifpo_mcore.references import References, load_splits, needed_keys
@@ -90,6 +90,10 @@ def test_the_spec_names_exactly_the_reference_columns_its_loss_reads(loss_type, 
             compute_loss(logps=policy | {other: everything[other] for other in needed if other != key}, **kwargs)
     if loss_type == "infifpo" and flags["fusion"] == "max_margin":
         assert "init_chosen_logps" in needed
+
+
+def test_every_configurable_loss_type_has_a_spec():
+    assert {loss_type.value for loss_type in LossType} == set(LOSSES)
 
 
 # --------------------------------------------------------------------------------------------------------------------
