@@ -202,10 +202,10 @@ class References:
         what = f"the source scores of step {step}"
         indices, scores = unpack_scores(message, dataset=self.datasets["train"], path=self.paths["train"],
                                         num_sources=self.online_sources, what=what)
-        if indices[data_rank::data_size] != rows:
-            raise SourceGroupError(f"{what} are for dataset rows {indices[data_rank::data_size]} where data-parallel rank "
-                              f"{data_rank} trains on rows {rows}: the source ranks replayed another data order "
-                              "(data.shuffle, train.seed, train.global_batch_size must be theirs)")
+        if (share := indices[data_rank::data_size]) != rows:
+            raise SourceGroupError(f"{what} are for dataset rows {share} where data-parallel rank {data_rank} trains on "
+                                   f"rows {rows}: the source ranks replayed another data order (data.shuffle, "
+                                   "train.seed, train.global_batch_size must be theirs)")
         self._store_stream("train", indices, scores)
 
     def _store_stream(self, split: str, indices: list[int], scores: Tensor) -> None:
