@@ -23,6 +23,7 @@ import yaml
 from infifpo_mcore import sources as sources_module
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
+from infifpo_mcore.references import cached_columns
 from infifpo_mcore.sources import (PreparedSource, SourceError, SourceScorer, build_scorer, check_shardable,
                                    fp8_gemm_fits, length_batches, prepare_source, score_sources)
 from infifpo_mcore.tokenization import build_tokenizer
@@ -216,7 +217,7 @@ def test_each_source_counts_its_own_tokens_and_means_are_sum_over_count(scored, 
     pivot = build_tokenizer(type="sentencepiece", path=source_models.MISTRAL_V1, chat_template="mistral")
     dataset = load_preference_dataset(path=scored, tokenizer=pivot, seq_length=512, max_prompt_length=None)
     assert dataset.num_sources == 2 and len(dataset) == NUM_ROWS
-    assert [example["source_chosen_lengths"] for example in dataset] == counts["chosen"]
+    assert cached_columns(dataset)["source_chosen_lengths"].tolist() == counts["chosen"]
     sidecar = json.loads(scored.with_name("out.jsonl.sources.json").read_text())
     assert [source["name"] for source in sidecar["sources"]] == ["llama", "qwen"]
 
