@@ -8,7 +8,8 @@ full vocabulary is never gathered on one rank; we use it in fp32 whatever the mo
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 from torch import Tensor
 
 
@@ -48,6 +49,33 @@ def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor
     sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, sequence_index, token_logps)
     return sums, loss_mask.float().sum(dim=-1)
+
+
+def response_sequence_hits(*, logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
+    """Per sequence, the response tokens that are the argmax of the logits over the whole vocabulary (SFT's token
+    accuracy; a tie with the target counts as a hit), from vocabulary-sharded logits with two all-reduces over the
+    TP group (the max logit, the target's logit). Call it before ``response_sequence_logps``, whose log-softmax
+    works on the logits in place.
+
+    Args: as ``response_sequence_logps``. Returns: ``[N]`` fp32 counts, identical on every TP rank.
+    """
+    positions = response_positions(loss_mask)
+    targets = labels.t()[positions]  # [n]
+    with torch.no_grad():
+        local = logits.detach()[0].float()  # [n, V / TP]
+        width = local.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * width
+        best = local.max(dim=-1).values
+        mine = (targets >= first) & (targets < first + width)
+        picked = local.gather(-1, (targets - first).clamp(0, width - 1)[:, None]).squeeze(-1)
+        target_logit = torch.where(mine, picked, torch.zeros_like(picked))
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            group = parallel_state.get_tensor_model_parallel_group()
+            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(target_logit, group=group)
+        hits = (target_logit >= best).float()
+    sequence_index = positions.nonzero()[:, 1]
+    return torch.zeros(labels.shape[0], dtype=hits.dtype, device=hits.device).index_add(0, sequence_index, hits)
 
 
 def split_responses(values: Tensor, *, groups: int) -> tuple[Tensor, ...]:

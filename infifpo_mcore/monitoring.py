@@ -292,6 +292,8 @@ def gpu_stats(*, device: int | None = None) -> dict[str, float]:
 def describe_reference(*, loss_type: str, options: LossOptions, num_sources: int) -> str:
     """The summary's "reference:" text: what the policy was compared against (read from the loss spec)."""
     spec = loss_spec(loss_type)
+    if not spec.needs_init_scores(options) and not spec.uses_sources:
+        return f"none ({loss_type.upper()}: the chosen responses' NLL per token)"
     if not spec.uses_sources:
         detail = ("the data carries no source scores" if num_sources == 0
                   else f"the {num_sources} source scores in the data are not used")

@@ -1,7 +1,8 @@
 """The training loop, in Megatron-Core's canonical order.
 
 init distributed -> tokenizer + data -> pivot (GPTModel per stage, DDP) -> distributed optimizer + LR schedule
--> [load checkpoint] -> reference scores (``references``: cached, [pivot-init scored], [streamed by the source ranks])
+-> [load checkpoint: resume this run, or start this stage from an SFT run's weights] -> reference scores
+(``references``: cached, [pivot-init scored], [streamed by the source ranks])
 -> for each step: forward/backward through the pipeline schedule (``schedule``), ``finalize_model_grads``, the
 bad-step guard and stop-signal check (one all-reduce), optimizer step, metrics from the last stage to rank 0 ->
 [save checkpoint] -> summary.
@@ -9,6 +10,7 @@ bad-step guard and stop-signal check (one all-reduce), optimizer step, metrics f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,7 +38,8 @@ from infifpo_mcore.references import References, load_splits
 from infifpo_mcore.schedule import forward_only_rows, from_last_stage, mean_metrics, run_schedule
 from infifpo_mcore.source_group import ScoreReceiver, serve_sources
 from infifpo_mcore.tokenization import build_tokenizer
-from infifpo_mcore.train_step import evaluation_forward_step, scoring_forward_step, training_forward_step
+from infifpo_mcore.train_step import (evaluation_forward_step, evaluation_metrics, scoring_forward_step,
+                                      training_forward_step)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,19 @@ def _differences(times: list[float]) -> list[float]:
 def _row_tokens(example) -> int:
     """Real (non-pad) tokens the pivot processes for one row: the prompt with each of its responses."""
     return sum(len(example["prompt_ids"]) + len(example[f"{name}_ids"]) for name in responses_of(example))
+
+
+def _response_tokens(example) -> int:
+    """The tokens a token-level loss (SFT) averages over: the row's response tokens."""
+    return sum(len(example[f"{name}_ids"]) for name in responses_of(example))
+
+
+def starts_a_new_stage(saved_state: dict, *, loss_type: str) -> bool:
+    """Whether a checkpoint with train state ``saved_state`` starts this run from its weights as a new stage (step
+    0, a fresh optimizer, LR schedule and data order, the pivot init being those weights) instead of resuming it:
+    the checkpoint of an SFT run loaded by a preference run (the recipe's SFT -> preference step). Any other
+    checkpoint with a train state resumes, as do those of runs before the train state named its loss."""
+    return saved_state.get("loss_type") == "sft" and loss_type != "sft"
 
 
 def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
@@ -204,18 +220,20 @@ class Trainer:
             micro_batch_size=self.cfg.train.micro_batch_size, micro_batches_per_pass=self.micro_batches,
             ctx=self.ctx)
 
-    def _next_global_batch(self) -> tuple[list[PreferenceBatch], int]:
-        """This rank's micro-batches of the next global batch, and the global batch's real (non-pad) token count."""
+    def _next_global_batch(self) -> tuple[list[PreferenceBatch], int, int]:
+        """This rank's micro-batches of the next global batch, and the global batch's real (non-pad) tokens and
+        response tokens."""
         mbs = self.cfg.train.micro_batch_size
         rows = [next(self.row_order) for _ in range(self.micro_batches * mbs)]
         if self.score_receiver is not None:
             self.references.take_stream_batch(step=self.step, rows=rows, data_rank=self.ctx.data_rank,
                                               data_size=self.ctx.data)
         batches = [self._batch(rows[i:i + mbs], "train") for i in range(0, len(rows), mbs)]
-        tokens = torch.tensor([sum(_row_tokens(self.datasets["train"][i]) for i in rows)], dtype=torch.int64,
-                              device=self.ctx.device)
+        examples = [self.datasets["train"][i] for i in rows]
+        tokens = torch.tensor([sum(map(_row_tokens, examples)), sum(map(_response_tokens, examples))],
+                              dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
-        return batches, int(tokens.item())
+        return batches, int(tokens[0].item()), int(tokens[1].item())
 
     def _forward_backward(self, forward_step, batches: list[PreferenceBatch]) -> list[dict]:
         for chunk in self.model:  # from zero gradients; also resets the overlapped reduce's per-bucket bookkeeping
@@ -226,9 +244,12 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns the step's metrics (on every rank)."""
         clock = [time.perf_counter()]
-        batches, tokens = self._next_global_batch()
+        batches, tokens, response_tokens = self._next_global_batch()
         clock.append(time.perf_counter())
-        forward_step = training_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(self.step + 1))
+        # A token-level loss (SFT) per response token of the global batch: train_step's module docstring
+        token_scale = self.micro_batches * self.ctx.data / response_tokens
+        forward_step = training_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(self.step),
+                                             token_scale=token_scale)
         outputs = self._forward_backward(forward_step, batches)
         clock.append(time.perf_counter())
         bad_reason, self.agreed_stop = step_guard.step_verdict(outputs, model_chunks=self.model,
@@ -251,24 +272,36 @@ class Trainer:
         metrics.update(zip(("time/data", "time/forward_backward", "time/optimizer"), _differences(clock)))
         return metrics
 
-    def _wrpo_alpha(self, step: int) -> float:
-        """WRPO's alpha for optimizer step ``step`` (from 1); the other losses ignore it."""
-        return losses.wrpo_alpha(target=self.cfg.loss.wrpo_alpha, step=step, steps=self.cfg.train.steps)
+    def _wrpo_alpha(self, completed: int) -> float:
+        """WRPO's alpha for the optimizer step after ``completed`` ones (0 at the first step, as the authors' code
+        has it); the other losses ignore it."""
+        return losses.wrpo_alpha(target=self.cfg.loss.wrpo_alpha, step=completed, steps=self.cfg.train.steps)
 
     def evaluate(self) -> dict[str, float]:
         """Loss and metrics of the held-out split, every row counted once; on every rank."""
-        # after step k, evaluate with the alpha step k trained with
-        forward_step = evaluation_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(self.step))
+        # after step k, evaluate with the alpha step k trained with (before the first step: that of step 1)
+        forward_step = evaluation_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(max(self.step - 1, 0)))
         rows = self._forward_only(forward_step, "eval", with_reference=True)
         if rows and self.cfg.logging.eval_rows and parallel_state.get_tensor_model_parallel_rank() == 0 \
                 and self.ctx.data_rank == 0:
             monitoring.write_eval_rows(path=self.run_dir / "eval_rows" / f"step_{self.step:06d}.jsonl",
                                        dataset=self.datasets["eval"], rows=rows)
-        return from_last_stage(
-            {f"eval/{key}": values.float().mean().item() for key, values in rows.items()} if rows else None)
+        return from_last_stage(evaluation_metrics(rows, token_level=self.spec.token_level) if rows else None)
 
     # ----------------------------------------------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
+        saved = checkpointing.resolve_checkpoint(path) / checkpointing.TRAIN_STATE
+        saved_state = json.loads(saved.read_text()) if saved.is_file() else {}
+        if starts_a_new_stage(saved_state, loss_type=str(self.cfg.loss.type)):
+            checkpointing.load_checkpoint(path=path, model_chunks=self.model, vocab_size=self.unpadded_vocab_size)
+            dropped = self.references.drop_cached_init()
+            if self.ctx.rank == 0:
+                logger.info("loaded the weights of %s, an SFT run's checkpoint (step %d): this %s stage starts from "
+                            "them at step 0, with a fresh optimizer, LR schedule and data order, and they are its "
+                            "pivot init%s", path, saved_state.get("step", 0), self.cfg.loss.type,
+                            f" (the cached ref_* scores of the {' and '.join(dropped)} data describe another model "
+                            "and are not used)" if dropped else "")
+            return
         state = checkpointing.load_checkpoint(path=path, model_chunks=self.model, optimizer=self.optimizer,
                                               vocab_size=self.unpadded_vocab_size)
         if state:
@@ -288,7 +321,7 @@ class Trainer:
                         and self.ctx.data_rank == 0)
         return checkpointing.save_checkpoint(
             root=Path(self.cfg.checkpoint.save), step=self.step, model_chunks=self.model, optimizer=self.optimizer,
-            train_state={"step": self.step,
+            train_state={"step": self.step, "loss_type": str(self.cfg.loss.type),
                          "sampler": self.sampler.state_dict(),  # every data-parallel rank is at the same position
                          "scheduler": self.scheduler.state_dict(), "has_optimizer": True},
             init_scores=(self.references.state_dict() or None) if holds_scores else None,
