@@ -535,7 +535,8 @@ class Trainer:
         flops_per_token = monitoring.gpt_flops_per_token(
             num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size,
             num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
-            vocab_size=self.vocab_size, seq_length=model.seq_length, swiglu=str(model.activation) == "swiglu",
+            vocab_size=self.vocab_size, seq_length=model.seq_length, head_dim=model.kv_channels,
+            swiglu=str(model.activation) in ("swiglu", "geglu_tanh"),  # gated: three MLP matrices
         )
         if not torch.cuda.is_available():
             return flops_per_token, None

@@ -16,19 +16,21 @@ from megatron.core import parallel_state
 from safetensors.torch import load_file
 
 from tests.distributed import run_distributed
-from tests.tiny_hf import TINY_FAMILIES, build_tiny_hf
+from tests.tiny_hf import LONGEST, TINY_FAMILIES, build_tiny_hf
 
 pytestmark = pytest.mark.distributed
 NAMES = list(TINY_FAMILIES)
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}  # tp1 runs in the converting process
 SHARDED = "qwen2"  # exported with a small shard limit: several files and an index
+# Past every tiny family's sliding window and original RoPE context (tests/tiny_hf.py); right-padded into one batch
+LENGTHS = (LONGEST, 9, 33)
 
 
 def _tokens(vocab_size: int):
     from checkpoints_tools.comparison import padded_batch
 
     generator = torch.Generator().manual_seed(7)
-    return padded_batch([torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in (17, 9, 12)])
+    return padded_batch([torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in LENGTHS])
 
 
 def _compare_all(ctx, *, root: str, layout: str) -> None:
@@ -107,7 +109,7 @@ def deltas(converted) -> dict[str, dict[str, dict]]:
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_equal_hf_at_tp1_tp2_and_pp2(deltas, name):
     for layout, result in deltas[name].items():
-        assert result["tokens"] == 17 + 9 + 12
+        assert result["tokens"] == sum(LENGTHS)
         assert result["max_abs_logit_delta"] < 1e-4, (layout, result)
         assert result["max_abs_logprob_delta"] < 1e-4, (layout, result)
 
@@ -156,7 +158,17 @@ def test_the_checkpoint_carries_the_derived_model_config(converted):
     assert card.model.rotary_base == 1e6 and card.model.num_query_groups == 2
     assert card.hf_config["model_type"] == "qwen2" and card.tokenizer is None  # the tiny model has no tokenizer
     mistral = read_card(converted / "mistral" / "ckpt" / "iter_0000000").model
-    assert mistral.max_position_embeddings == 64  # its sliding window, not max_position_embeddings (256)
+    assert mistral.max_position_embeddings == 256 and mistral.sliding_window == 32 and mistral.window_layers is None
+    qwen3 = read_card(converted / "qwen3" / "ckpt" / "iter_0000000").model
+    assert qwen3.kv_channels == 32 and qwen3.qk_layernorm and not qwen3.add_qkv_bias
+    llama3 = read_card(converted / "llama3" / "ckpt" / "iter_0000000").model
+    assert (llama3.rope_scaling, llama3.rope_scaling_factor, llama3.rope_original_max_position_embeddings) == (
+        "llama3", 8.0, 64)
+    gemma = read_card(converted / "gemma3" / "ckpt" / "iter_0000000").model
+    assert gemma.window_layers == [True, False, True, False] and gemma.sliding_window == 16
+    assert (gemma.rotary_base, gemma.local_rotary_base, gemma.rope_scaling) == (1e6, 1e4, "linear")
+    assert gemma.scale_embeddings and gemma.zero_centered_norms and gemma.post_norms and gemma.qk_layernorm
+    assert gemma.activation == "geglu_tanh" and gemma.softmax_scale == 24 ** -0.5 and gemma.kv_channels == 32
     assert read_card(converted / "llama_tied" / "ckpt" / "iter_0000000").model.make_vocab_size_divisible_by == 128
 
 

@@ -72,14 +72,27 @@ def test_the_documented_command_at_pp2_trains_a_converted_tied_model_that_export
     assert "pivot at TP 1 x PP 2" in out and "OK" in out
 
 
-def test_an_unsupported_model_is_refused_naming_the_file_and_what_the_pivot_cannot_express(tmp_path):
-    from transformers import Gemma3TextConfig
+REFUSED_CONFIGS = {  # name -> (transformers config class, its fields, what the refusal names)
+    "unknown-rope-type": ("LlamaConfig", dict(rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                                original_max_position_embeddings=256)),
+                          "rope scaling type 'yarn' (rope_parameters / rope_scaling; supported: default, linear, "
+                          "llama3)"),
+    "unsupported-field": ("Gemma3TextConfig", dict(vocab_size=262144, hidden_size=640, num_hidden_layers=18,
+                                                   attn_logit_softcapping=50.0),  # Gemma-2's soft-capping
+                          "attn_logit_softcapping=50.0 (the pivot has no such term; supported: None)"),
+}
 
-    gemma_dir = tmp_path / "gemma"
-    Gemma3TextConfig(vocab_size=262144, hidden_size=640, num_hidden_layers=18).save_pretrained(gemma_dir)  # 270M's
-    out = run_tool("hf_to_mcore.py", "--hf", str(gemma_dir), "--out", str(tmp_path / "x"), expect_rc=2)
-    assert f"{gemma_dir / 'config.json'}: model_type 'gemma3_text' (Gemma-3) is not supported" in out
-    assert "sqrt(hidden_size)" in out and "post_feedforward_layernorm" in out and "rope_local_base_freq" in out
+
+@pytest.mark.parametrize("name", REFUSED_CONFIGS)
+def test_an_unsupported_config_is_refused_naming_the_file_and_the_field(tmp_path, name):
+    import transformers
+
+    config_class, fields, fragment = REFUSED_CONFIGS[name]
+    model_dir = tmp_path / "model"
+    getattr(transformers, config_class)(**fields).save_pretrained(model_dir)  # config.json only: refused first
+    out = run_tool("hf_to_mcore.py", "--hf", str(model_dir), "--out", str(tmp_path / "x"), expect_rc=2)
+    assert f"{model_dir / 'config.json'}: the converter cannot honour: {fragment}" in out
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_tensor_whose_shape_contradicts_config_json_is_refused_naming_it(tmp_path):
