@@ -71,7 +71,8 @@ class PostNormRowParallelLinear(RowParallelLinear):
 
 class LocalRopeSelfAttention(SelfAttention):
     """Self-attention whose sliding-window layers (``config.window_attn_skip_freq``) rotate queries and keys with a
-    RoPE table of their own (base ``local_rotary_base``, unscaled) instead of the model's; full-attention layers use the model's."""
+    RoPE table of their own (base ``local_rotary_base``, unscaled) instead of the model's; full-attention layers
+    use the model's."""
 
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, *, local_rotary_base: float | None = None,
