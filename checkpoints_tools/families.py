@@ -9,7 +9,7 @@ Megatron's layer tensors (local and TE specs name them alike)::
     decoder.layers.{}.self_attention.linear_qkv.bias              [G * (Q/G + 2) * D]     (add_qkv_bias)
     decoder.layers.{}.self_attention.linear_proj.weight           [H, Q * D]
     decoder.layers.{}.pre_mlp_layernorm.weight                    [H]
-    decoder.layers.{}.mlp.linear_fc1.weight                       [2 * F, H]  SwiGLU: [gate; up]
+    decoder.layers.{}.mlp.linear_fc1.weight                       [2 * F, H]  gated (SwiGLU, GeGLU): [gate; up]
     decoder.layers.{}.mlp.linear_fc2.weight                       [H, F]
     decoder.final_layernorm.weight                                [H]
     output_layer.weight                                           [V_padded, H]  (absent with tied embeddings)

@@ -105,7 +105,8 @@ class SourcePrecision(StrEnum):
 
 @dataclass
 class ModelConfig:
-    """Shape of the pivot (Llama-style decoder)."""
+    """Shape of the pivot: a Llama-style decoder, with the variations of the families checkpoints_tools converts
+    (head size, q/k norms, RoPE scaling, sliding windows, Gemma 3's layer)."""
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4

@@ -233,3 +233,17 @@ def test_a_tied_checkpoint_storing_the_head_twice_converts_and_the_vocabulary_is
     embedding = state["embedding.word_embeddings.weight"]
     assert embedding.shape == (128, 64) and torch.equal(embedding[:96], tensors["model.embed_tokens.weight"])
     assert not embedding[96:].any() and "output_layer.weight" not in state
+
+
+def test_a_pivot_made_here_without_an_hf_counterpart_is_refused_by_name():
+    from checkpoints_tools.hf_config import llama_config_for
+
+    gemma_like = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                             ffn_hidden_size=96, vocab_size=96, zero_centered_norms=True, post_norms=True)
+    with pytest.raises(ConversionError, match=r"model.zero_centered_norms=True, model.post_norms=True: only the Llama "
+                                              r"shape"):
+        llama_config_for(gemma_like, vocab_size=96)
+    both = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                       vocab_size=96, add_qkv_bias=True, qk_layernorm=True)
+    with pytest.raises(ConversionError, match="model.add_qkv_bias with model.qk_layernorm: no HF family here"):
+        llama_config_for(both, vocab_size=96)

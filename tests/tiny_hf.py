@@ -50,17 +50,23 @@ _COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden
                num_key_value_heads=2, max_position_embeddings=512)
 
 
+# Families whose RMSNorms scale by (1 + w): their random norm weights are centred on 0, so that each norm scales by
+# about 1 as elsewhere (centred on 1 they would double the activations at every one of Gemma's four norms a layer)
+_ZERO_CENTERED_NORMS = {"Gemma3ForCausalLM"}
+
+
 def build_tiny_hf(directory: Path, *, family: str, seed: int = 0, **changes) -> Path:
-    """Saves the model (fp32 safetensors + config.json) into `directory`. Every weight is random, norms around 1 and
-    biases around 0 included, so that a tensor mapped to the wrong place changes the logits."""
+    """Saves the model (fp32 safetensors + config.json) into `directory`. Every weight is random, norms around their
+    identity and biases around 0 included, so that a tensor mapped to the wrong place changes the logits."""
     import transformers
 
     config_class, model_class, fields = TINY_FAMILIES[family]
     config = getattr(transformers, config_class)(**(_COMMON | fields | changes))
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config)
+    norm_center = 0.0 if model_class in _ZERO_CENTERED_NORMS else 1.0
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.1 + (1.0 if "norm" in name else 0.0))
+            parameter.copy_(torch.randn_like(parameter) * 0.1 + (norm_center if "norm" in name else 0.0))
     model.save_pretrained(directory)
     return directory
