@@ -134,14 +134,14 @@ def _rope_fields(config, *, windowed: bool, problems: list[str]) -> dict[str, An
 
 def _window_fields(config, *, num_layers: int, limit: int, problems: list[str]) -> dict[str, Any]:
     """sliding_window and window_layers: HF's window in the layers its layer_types mark (all when it has none)."""
-    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * num_layers)
-    if set(layer_types) - _LAYER_TYPES or len(layer_types) != num_layers:
+    layer_types = getattr(config, "layer_types", None)  # None: the window (if any) is in every layer
+    if layer_types is not None and (set(layer_types) - _LAYER_TYPES or len(layer_types) != num_layers):
         problems.append(f"layer_types {layer_types} (the pivot has one of {sorted(_LAYER_TYPES)} per layer)")
         return {}
     window = getattr(config, "sliding_window", None)
     if not getattr(config, "use_sliding_window", True):  # Qwen2/3 keep a window that only this turns on
         window = None
-    windowed = [kind == "sliding_attention" for kind in layer_types] if hasattr(config, "layer_types") else None
+    windowed = None if layer_types is None else [kind == "sliding_attention" for kind in layer_types]
     if window is None or window >= limit or (windowed is not None and not any(windowed)):
         return {}  # no layer's window is ever shorter than a sequence the pivot accepts
     return {"sliding_window": int(window), "window_layers": None if windowed is None or all(windowed) else windowed}
