@@ -44,8 +44,16 @@ class Normalization(StrEnum):
 
 
 class Activation(StrEnum):
-    swiglu = "swiglu"
-    gelu = "gelu"
+    swiglu = "swiglu"  # gated: silu(gate) * up
+    gelu = "gelu"  # not gated
+    geglu_tanh = "geglu_tanh"  # gated: gelu(gate, tanh approximation) * up (Gemma's gelu_pytorch_tanh)
+
+
+class RopeScaling(StrEnum):
+    """How RoPE's frequencies are stretched for contexts longer than the base was trained on (HF rope_scaling)."""
+    none = "none"
+    linear = "linear"  # every frequency / factor
+    llama3 = "llama3"  # Llama 3.1: low frequencies / factor, high ones kept, a smooth blend between
 
 
 class TokenizerType(StrEnum):
@@ -92,7 +100,8 @@ class Precision(StrEnum):
 
 @dataclass
 class ModelConfig:
-    """Shape of the pivot (Llama-style decoder)."""
+    """Shape of the pivot: a Llama-style decoder, with the variations of the families checkpoints_tools converts
+    (head size, q/k norms, RoPE scaling, sliding windows, Gemma 3's layer)."""
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
@@ -108,9 +117,39 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     add_qkv_bias: bool = False  # a bias on the query/key/value projection only (Qwen2)
     norm_epsilon: float = 1e-5
-    # The longest sequence the weights handle exactly (a converted model's position limit, lowered to its sliding
-    # window when that is shorter); None: no limit known. model.seq_length must not exceed it.
+    # The longest sequence the weights were trained for (a converted model's max_position_embeddings); None: no
+    # limit known. model.seq_length must not exceed it.
     max_position_embeddings: int | None = None
+    # The size of each attention head; None: hidden_size / num_attention_heads (Mistral-Nemo, Qwen3, Gemma 3 differ)
+    kv_channels: int | None = None
+    qk_layernorm: bool = False  # an RMSNorm on every query and key head before RoPE (Qwen3, Gemma 3)
+    softmax_scale: float | None = None  # of the attention scores; None: 1 / sqrt(kv_channels)
+    rope_scaling: RopeScaling = RopeScaling.none
+    rope_scaling_factor: float = 1.0  # linear, llama3
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are divided by the factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
+    rope_original_max_position_embeddings: int | None = None  # llama3: the context the rotary base was trained for
+    # Sliding-window attention: a query sees the last sliding_window tokens (itself included), in every layer or in
+    # those window_layers marks true (one entry per layer; the others attend to the whole sequence).
+    sliding_window: int | None = None
+    window_layers: list[bool] | None = None
+    local_rotary_base: float | None = None  # RoPE base of the sliding-window layers (Gemma 3); None: rotary_base
+    # Gemma's layer
+    scale_embeddings: bool = False  # the embedding output multiplied by sqrt(hidden_size)
+    zero_centered_norms: bool = False  # every RMSNorm scales by (1 + weight) (Megatron's layernorm_zero_centered_gamma)
+    post_norms: bool = False  # an RMSNorm on the attention and MLP outputs, before each residual add
+
+
+def head_dim(model: ModelConfig) -> int:
+    """The size of one attention head: ``kv_channels``, or hidden_size / num_attention_heads."""
+    return model.kv_channels or model.hidden_size // model.num_attention_heads
+
+
+
+def needs_own_layer(model: ModelConfig) -> bool:
+    """Whether the pivot needs the layer of ``layer_spec.own_block_spec`` (Gemma's: (1 + w) norms, post-norms, a RoPE
+    base per layer kind), built from Megatron-Core's local modules on every device, rather than Megatron's GPT spec."""
+    return model.zero_centered_norms or model.post_norms or model.local_rotary_base is not None
 
 
 @dataclass
@@ -384,6 +423,9 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     positive = ["model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
                 "model.ffn_hidden_size", "model.vocab_size", "model.seq_length", "model.make_vocab_size_divisible_by",
                 "model.rotary_base", "model.init_method_std", "model.norm_epsilon", "model.max_position_embeddings",
+                "model.kv_channels", "model.softmax_scale", "model.rope_scaling_factor", "model.rope_low_freq_factor",
+                "model.rope_high_freq_factor", "model.rope_original_max_position_embeddings", "model.sliding_window",
+                "model.local_rotary_base",
                 "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "train.eval_interval",
                 "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta", "loss.ipo_tau",
                 "data.max_prompt_length", "train.micro_batch_size",
@@ -412,8 +454,10 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         if denominator is not None and numerator > 0 and denominator > 0 and numerator % denominator:
             problems.append(f"{numerator_key} ({numerator}) must be divisible by {denominator_key} ({denominator})")
 
-    divisible("model.hidden_size", "model.num_attention_heads")
+    if cfg.model.kv_channels is None:  # the head size is hidden_size / num_attention_heads
+        divisible("model.hidden_size", "model.num_attention_heads")
     divisible("model.num_attention_heads", "model.num_query_groups")
+    problems += _model_problems(cfg.model, fp8=cfg.train.precision == Precision.fp8)
     divisible("train.global_batch_size", "train.micro_batch_size")
     train = cfg.train
     if train.warmup_steps >= train.steps > 0:  # Megatron's scheduler needs warmup < decay steps
@@ -453,6 +497,34 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         if source.tensor_parallel and source.precision == Precision.fp8:
             problems.append(f"sources.models[{index}].tensor_parallel: FP8 sources (Transformer Engine layers) are "
                             "not sharded; use precision bf16 or tensor_parallel false")
+    return problems
+
+
+def _model_problems(model: ModelConfig, *, fp8: bool) -> list[str]:
+    """Combinations of model.* keys the pivot cannot build."""
+    problems = []
+    if model.rope_scaling == RopeScaling.llama3:
+        if model.rope_original_max_position_embeddings is None:
+            problems.append("model.rope_original_max_position_embeddings: rope_scaling llama3 needs it (the context "
+                            "the rotary base was trained for)")
+        if model.rope_high_freq_factor <= model.rope_low_freq_factor:
+            problems.append(f"model.rope_high_freq_factor ({model.rope_high_freq_factor}) must be > "
+                            f"model.rope_low_freq_factor ({model.rope_low_freq_factor})")
+    if model.window_layers is not None:
+        if model.sliding_window is None:
+            problems.append("model.window_layers: set, but model.sliding_window (the window) is null")
+        if len(model.window_layers) != model.num_layers:
+            problems.append(f"model.window_layers: {len(model.window_layers)} entries for model.num_layers "
+                            f"{model.num_layers} (one per layer)")
+    if model.local_rotary_base is not None and model.sliding_window is None:
+        problems.append("model.local_rotary_base: set, but there are no sliding-window layers (model.sliding_window)")
+    own_layer = [key for key in ("zero_centered_norms", "post_norms", "local_rotary_base")
+                 if getattr(model, key) not in (None, False)]
+    if own_layer and model.normalization != Normalization.RMSNorm:
+        problems.append(f"model.{own_layer[0]}: needs model.normalization RMSNorm, got {model.normalization}")
+    if fp8 and own_layer:
+        problems.append(f"model.{own_layer[0]}: this layer is built from Megatron-Core's local modules, which have no "
+                        "FP8 (train.precision fp8); use bf16")
     return problems
 
 

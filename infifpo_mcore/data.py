@@ -444,6 +444,9 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
     for row in rows:
         try:
             prompt_ids = tokenizer.encode_prompt(row.prompt)
+            # a jinja template renders each response after the prompt (tokenization.py), and may refuse it
+            chosen_ids, rejected_ids = (tokenizer.encode_response(text, prompt=row.prompt)
+                                        for text in (row.chosen, row.rejected))
         except TokenizerError as error:
             problems.add(row.line, "prompt", str(error))
             continue
@@ -451,7 +454,6 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
             problems.add(row.line, "prompt", f"{len(prompt_ids)} tokens leave no room for the response in "
                          f"model.seq_length={seq_length} (data.max_prompt_length cuts prompts from the left)")
             continue
-        chosen_ids, rejected_ids = tokenizer.encode_response(row.chosen), tokenizer.encode_response(row.rejected)
         *ids, truncated = truncate_example(
             prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, seq_length=seq_length,
             max_prompt_length=max_prompt_length, bos_id=tokenizer.bos_id)
@@ -462,7 +464,7 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
         full = {"chosen": len(chosen_ids), "rejected": len(rejected_ids)}
         chosen_pivot_ids = None
         if chosen_pivot:
-            whole_pivot = tokenizer.encode_response(row.chosen_pivot)
+            whole_pivot = tokenizer.encode_response(row.chosen_pivot, prompt=row.prompt)
             chosen_pivot_ids = whole_pivot[:seq_length - len(ids[0])]  # the room truncate_example left the responses
             full[CHOSEN_PIVOT] = len(whole_pivot)
             truncated = truncated or len(chosen_pivot_ids) < len(whole_pivot)

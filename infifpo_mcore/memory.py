@@ -5,13 +5,15 @@
                                         vocab_size=100352)
     print(estimate.format())
 
-Notation: L layers, h hidden, a heads, g query groups (KV heads), d = h / a, F ffn hidden, V vocabulary padded as
-the trainer pads it (to ``make_vocab_size_divisible_by`` x t), t tensor-, p pipeline-, D data-parallel size.
+Notation: L layers, h hidden, a heads, g query groups (KV heads), d the head size (``kv_channels``, by default h / a;
+Mistral-Nemo, Qwen3 and Gemma 3 set their own), F ffn hidden, V vocabulary padded as the trainer pads it (to
+``make_vocab_size_divisible_by`` x t), t tensor-, p pipeline-, D data-parallel size.
 
 **Parameters** of one Megatron-Core ``GPTModel`` layer (no biases: ``add_bias_linear=False``)::
 
-    qkv  h (a + 2g) d      proj  a d h      fc1  h F (x2 for SwiGLU: gate and up)      fc2  F h
-    two norms  h each (RMSNorm: weight; LayerNorm: weight + bias = 2h)
+    qkv  h (a + 2g) d      proj  a d h      fc1  h F (x2 gated, SwiGLU / GeGLU: gate and up)      fc2  F h
+    two norms  h each (RMSNorm: weight; LayerNorm: weight + bias = 2h); four with post_norms (Gemma 3)
+    q / k norms  d each (qk_layernorm: Qwen3, Gemma 3)
 
 The linear layers are split t ways (column / row parallel), the norms are replicated. Stage s of p holds L / p
 layers; the first stage also holds the word embedding (V h / t, RoPE has no parameters), the last the final norm and
@@ -35,8 +37,8 @@ Their terms, re-derived for this pivot with e bytes per activation element (2 in
 
     replicated over t:  attention-norm input, QKV input, MLP-norm input, fc1 input      4 e s b h
     split over t:       Q, K, V                                                       e s b (a + 2g) d / t
-                        attention output (proj input)                                 e s b h / t
-                        fc1 output (activation input), F or 2F wide for SwiGLU         e s b F (1 or 2) / t
+                        attention output (proj input)                                 e s b a d / t
+                        fc1 output (activation input), F or 2F wide when gated        e s b F (1 or 2) / t
                         activation output (fc2 input)                                 e s b F / t
                         attention scores: fused/flash attention keeps none;
                         unfused (Megatron's local spec) keeps the softmax output      e a s^2 b / t
@@ -48,6 +50,10 @@ once, beside the in-flight micro-batches). Checked against a real Megatron ``GPT
 saved-tensor hooks): with ``full`` it keeps exactly ``e s b h`` per layer. Without recomputation Megatron's local
 spec (CPU, GPUs without TE) keeps more than the count below, about 1.5x per layer at small shapes: it expands K and V
 to all heads for GQA and keeps SwiGLU's intermediates; the count is that of fused (TE) layers.
+
+Gemma's layer (``post_norms``) also keeps its two post-norms' inputs (``2 e s b h``, replicated) and, like Qwen3, its
+query / key norms' inputs (``e s b (a + g) d / t``); it runs Megatron's local attention on every device, so its
+softmax output counts as unfused.
 
 The model trains with dropout 0, so the paper's dropout masks (``2 s b h + a s^2 b``) and the dropout output
 (``2 a s^2 b``) do not exist. With MHA, F = 4h, GeLU, unfused attention and the dropout terms added back this is the
@@ -71,7 +77,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from infifpo_mcore.config import ModelConfig
+from infifpo_mcore.config import ModelConfig, head_dim, needs_own_layer
 
 GIB = 1 << 30
 _ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
@@ -130,14 +136,21 @@ def padded_vocab(*, model: ModelConfig, vocab_size: int, tensor: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def gated(model: ModelConfig) -> bool:
+    """Whether the MLP's first matrix is [gate; up] (SwiGLU, GeGLU)."""
+    return str(model.activation) in ("swiglu", "geglu_tanh")
+
+
 def layer_parameters(*, model: ModelConfig, tensor: int) -> int:
     """Parameters of one transformer layer on one tensor-parallel rank."""
-    head_dim = model.hidden_size // model.num_attention_heads
-    qkv = model.hidden_size * (model.num_attention_heads + 2 * model.num_query_groups) * head_dim
-    proj = model.num_attention_heads * head_dim * model.hidden_size
-    gates = 2 if model.activation == "swiglu" else 1
+    d = head_dim(model)
+    qkv = model.hidden_size * (model.num_attention_heads + 2 * model.num_query_groups) * d
+    proj = model.num_attention_heads * d * model.hidden_size
+    gates = 2 if gated(model) else 1
     mlp = model.hidden_size * model.ffn_hidden_size * gates + model.ffn_hidden_size * model.hidden_size
-    return (qkv + proj + mlp) // tensor + 2 * _norm_parameters(model)
+    norms = (4 if model.post_norms else 2) * _norm_parameters(model)
+    qk_norms = 2 * d if model.qk_layernorm else 0
+    return (qkv + proj + mlp) // tensor + norms + qk_norms
 
 
 def stage_parameters(*, model: ModelConfig, vocab_size: int, tensor: int, pipeline: int, stage: int) -> int:
@@ -162,10 +175,14 @@ def layer_activation_bytes(*, model: ModelConfig, tensor: int, micro_batch_size:
     h, heads, groups = model.hidden_size, model.num_attention_heads, model.num_query_groups
     if recompute == "full":
         return element * tokens * h  # the layer's input only
-    head_dim = h // heads
-    gates = 2 if model.activation == "swiglu" else 1
-    replicated = 4 * element * tokens * h
-    split = element * tokens * ((heads + 2 * groups) * head_dim + h + model.ffn_hidden_size * (gates + 1))
+    d = head_dim(model)
+    gates = 2 if gated(model) else 1
+    replicated = (6 if model.post_norms else 4) * element * tokens * h  # + the post-norms' inputs
+    split = element * tokens * ((heads + 2 * groups) * d + heads * d + model.ffn_hidden_size * (gates + 1))
+    if model.qk_layernorm:
+        split += element * tokens * (heads + groups) * d  # the q / k norms' inputs
+    if needs_own_layer(model):
+        fused_attention = False  # Gemma's layer runs Megatron's local (unfused) attention everywhere
     if not fused_attention and recompute != "selective":
         split += element * heads * seq_length * tokens  # softmax output a s^2 b
     return replicated + split // tensor

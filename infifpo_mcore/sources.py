@@ -344,10 +344,11 @@ class SourceScorer:
         for row in rows:
             try:
                 prompt = self.tokenizer.encode_prompt(row.prompt)
+                responses = [self.tokenizer.encode_response(text, prompt=row.prompt)
+                             for text in (row.chosen, row.rejected)]
             except TokenizerError as error:  # e.g. a template that allows no system message
                 raise SourceError(f"source {self.name!r}: row {row.id!r}: {error}") from None
-            for text in (row.chosen, row.rejected):
-                response = self.tokenizer.encode_response(text)
+            for response in responses:
                 if self.max_length is not None and len(prompt) + len(response) > self.max_length:
                     raise SourceError(f"source {self.name!r}: row {row.id!r} has {len(prompt) + len(response)} "
                                       f"tokens, more than the model's max_position_embeddings {self.max_length}")

@@ -11,10 +11,16 @@ from tests.distributed import run_distributed
 SMALL = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                     seq_length=32, tie_embeddings=False)
 VOCAB = 300
+QWEN3_LIKE = dataclasses.replace(SMALL, kv_channels=32, qk_layernorm=True)  # heads of 32 != 64 / 4, q/k norms
+GEMMA3_LIKE = dataclasses.replace(
+    QWEN3_LIKE, activation="geglu_tanh", tie_embeddings=True, zero_centered_norms=True, post_norms=True,
+    scale_embeddings=True, sliding_window=8, window_layers=[True, False, True, False], local_rotary_base=1e4)
 SHAPES = {
     "untied RMSNorm SwiGLU": SMALL,
     "tied LayerNorm GeLU": dataclasses.replace(SMALL, tie_embeddings=True, normalization="LayerNorm",
                                                activation="gelu"),
+    "Qwen3-like": QWEN3_LIKE,
+    "Gemma-3-like": GEMMA3_LIKE,
 }
 
 
@@ -27,6 +33,12 @@ def test_parameter_hand_count():
     assert stage_parameters(model=SMALL, vocab_size=VOCAB, tensor=1, pipeline=1, stage=0) == total
     tied = dataclasses.replace(SMALL, tie_embeddings=True)
     assert stage_parameters(model=tied, vocab_size=VOCAB, tensor=1, pipeline=1, stage=0) == total - embedding
+
+
+def test_parameter_hand_count_with_a_head_size_of_its_own_and_gemma_norms():
+    # qkv 64 x (4 + 2 x 2) x 32 = 16384, proj 4 x 32 x 64 = 8192, fc1 and fc2 as SMALL (both gated), two q/k norms 32
+    assert layer_parameters(model=QWEN3_LIKE, tensor=1) == 16384 + 8192 + 12288 + 6144 + 128 + 64
+    assert layer_parameters(model=GEMMA3_LIKE, tensor=1) == 16384 + 8192 + 12288 + 6144 + 4 * 64 + 64  # 4 norms
 
 
 def test_tensor_and_pipeline_division():

@@ -69,7 +69,8 @@ def _read(path: Path) -> list[dict]:
 
 
 def _direct_logps(model_dir: Path, rows) -> list[tuple[float, int]]:
-    """Reference: transformers alone (its tokenizer, chat template and model), one unpadded sequence at a time."""
+    """Reference: transformers alone (its tokenizer, chat template and model), one unpadded sequence at a time; the
+    response is the templated conversation's text after the templated prompt's, tokenised apart (TRL's split)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -78,8 +79,12 @@ def _direct_logps(model_dir: Path, rows) -> list[tuple[float, int]]:
     for row in rows:
         prompt = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
+        prompt_text = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=False)
         for answer in (row.chosen, row.rejected):
-            response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            full = tokenizer.apply_chat_template([*row.prompt, {"role": "assistant", "content": answer}],
+                                                 tokenize=False)
+            assert full.startswith(prompt_text)
+            response = tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + response])
             with torch.no_grad():
                 logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
@@ -209,7 +214,7 @@ def test_each_source_counts_its_own_tokens_and_means_are_sum_over_count(scored, 
     for row, out in zip(rows, written):
         for kind in ("chosen", "rejected"):
             text = getattr(row, kind)
-            own = [len(llama.encode_response(text)), len(qwen.encode_response(text))]
+            own = [len(llama.encode_response(text)), len(qwen.encode_response(text, prompt=row.prompt))]
             sums, means = out[f"fuse_{kind}_logps"], out[f"fuse_mean_{kind}_logps"]
             assert means == [total / count for total, count in zip(sums, own)]
             counts[kind].append(own)
