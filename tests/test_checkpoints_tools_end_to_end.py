@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,7 +162,11 @@ def test_real_gemma3_270m_converts_matches_hf_past_its_window_trains_and_comes_b
     back = tmp_path / "back"
     run_tool("mcore_to_hf.py", "--ckpt", str(tmp_path / "run" / "ckpt"), "--out", str(back))
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in back.iterdir()}
+    # The trained pivot's logits drift further from transformers' in absolute terms (8.8e-4 measured in CI, 1.0e-4
+    # before training: summation-order noise grows with the weights 2 steps at lr 1e-5 moved), while its per-token
+    # log-probs, what the trainer reads, stay within 1.4e-5 either way. A conversion defect moves logits by O(1).
     out = run_tool("verify.py", "--hf", str(back), "--ckpt", str(tmp_path / "run" / "ckpt"), "--prompts",
-                   str(prompts), "--tolerance", "5e-4")
+                   str(prompts), "--tolerance", "3e-3")
     print("trained, exported:", next(line for line in out.splitlines() if "max |delta logit|" in line))
     assert f"tokens from the tokenizer of {back}" in out and "OK" in out
+    assert float(re.search(r"log-prob per token: max \|delta\| ([0-9.e+-]+)", out).group(1)) < 5e-5
