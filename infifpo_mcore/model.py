@@ -109,6 +109,9 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         recompute_granularity=None if recompute == "none" else str(recompute),
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
+        # The training loss_func returns (sum over its pairs, pair count, metrics): the schedule and finalize_model_grads
+        # scale gradients by 1 / (pairs in the global batch) whatever each micro-batch holds (train_step.py)
+        calculate_per_token_loss=True,
     )
 
 
