@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from infifpo_mcore import losses
+from infifpo_mcore.attention import packed_seq_params
 from infifpo_mcore.config import LossConfig
 from infifpo_mcore.data import RESPONSES, PreferenceBatch
 from infifpo_mcore.logprobs import response_positions, response_sequence_logps, split_responses
-from infifpo_mcore.model import set_response_positions
+from infifpo_mcore.model import set_response_positions, uses_thd_attention
 
 # Per-row entries of the training loss output (the bad-step guard names rows with them) and the micro-batch's pair
 # count; metrics are the other keys, each a sum over the micro-batch's pairs.
@@ -40,14 +41,17 @@ PER_ROW_KEYS = (ROW_IDS, ROW_LOSSES)
 
 def _run_model(model: torch.nn.Module, batch: PreferenceBatch) -> Tensor:
     set_response_positions(model, response_positions(batch["loss_mask"]))
-    # attention_mask=None: the layer spec applies the causal mask; right padding is masked out of the loss instead.
-    return model(batch["tokens"], batch["position_ids"], None)
+    # attention_mask=None: the layer spec applies the causal mask (unpacked; right padding is masked out of the loss
+    # instead), or the packed layout's documents (packing).
+    packed = packed_seq_params(batch, thd=uses_thd_attention(model)) if "documents" in batch else None
+    return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
 
 
 def _response_logps(logits: Tensor, batch: PreferenceBatch) -> dict[str, tuple[Tensor, Tensor]]:
     """{response name: (sums [B], lengths [B])} for the responses the batch stacks (``data.RESPONSES`` order)."""
-    sums, lengths = response_sequence_logps(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"])
-    groups = batch["tokens"].shape[0] // batch["row_ids"].shape[0]
+    sums, lengths = response_sequence_logps(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"],
+                                            slots=batch.get("response_slots"))
+    groups = sums.shape[0] // batch["row_ids"].shape[0]
     return dict(zip(RESPONSES[:groups], zip(split_responses(sums, groups=groups),
                                             split_responses(lengths, groups=groups), strict=True)))
 
