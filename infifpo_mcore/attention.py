@@ -1,9 +1,10 @@
 """Attention over packed micro-batches (``packing``) in Megatron-Core's local layer spec: every device without
 Transformer Engine (the CPU, GPUs without TE) and Gemma 3's layer everywhere.
 
-A packed row ``[1, L]`` holds documents one after the other (``batch["documents"]``, cu_seqlens). Megatron's local
-``DotProductAttention`` refuses packed sequences; ``PackedDotProductAttention`` runs torch's
-``scaled_dot_product_attention`` on each document with the mask that isolates it:
+A packed row ``[1, L]`` holds documents one after the other (``batch["documents"]``, cu_seqlens), then a pad tail
+that attends to nothing. Megatron's local ``DotProductAttention`` refuses packed sequences;
+``PackedDotProductAttention`` gathers the documents into a padded batch and runs torch's
+``scaled_dot_product_attention`` once per layer, with the mask that isolates each:
 
     query i sees key j (both in one document)  iff  j <= i,  branch[j] in (0, branch[i]),
                                                       and, in sliding-window layers, position[i] - position[j] <= window
@@ -39,35 +40,53 @@ from infifpo_mcore.data import PreferenceBatch
 class PackedLayout(PackedSeqParams):
     """Megatron's packed-sequence parameters plus what the local attention needs: a ``qkv_format`` other than 'thd',
     so Megatron's SelfAttention keeps the ``[s, b=1, ...]`` layout and passes this object through to the core
-    attention. ``positions [L]``: each token's position; ``bounds``: the document boundaries (cu_seqlens as ints);
-    ``masks``: per document its ``[n, n]`` bool mask (True: may attend) or None where it is plain causal."""
+    attention. The D documents are gathered into a padded ``[D, n]`` batch (n the longest), attended in one call:
 
+        index     [D, n] int64   the row position of each document token (0 where the document is shorter)
+        valid     [D, n] bool    where ``index`` is a token of the document
+        used      int            the row's tokens in documents (the pad tail after them attends to nothing)
+        positions [D, n] int64   each token's position (sliding windows)
+        mask      [D, 1, n, n]   bool, True where a query may attend (branches apart), or None: plain causal
+
+    ``row_positions [L]``: each row token's position (RoPE). Padding keys follow every real one of their document,
+    so causality alone keeps them out."""
+
+    row_positions: Tensor | None = None
+    index: Tensor | None = None
+    valid: Tensor | None = None
+    used: int = 0
     positions: Tensor | None = None
-    bounds: list[int] = field(default_factory=list)
-    masks: list[Tensor | None] = field(default_factory=list)
+    mask: Tensor | None = None
 
 
 def packed_seq_params(batch: PreferenceBatch, *, thd: bool) -> PackedSeqParams:
     """The parameters a packed micro-batch travels with through the model: Megatron's THD ones for Transformer
     Engine's attention (``thd``), else a ``PackedLayout`` for ``PackedDotProductAttention``."""
-    documents = batch["documents"]
+    documents, length = batch["documents"], batch["tokens"].shape[1]
     bounds = documents.tolist()
-    longest = max(end - start for start, end in zip(bounds, bounds[1:]))
-    if thd:
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=documents, cu_seqlens_kv=documents,
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    if thd:  # the pad tail is one more sequence there: TE's THD kernels take every token of the row
+        cu_seqlens = documents if bounds[-1] == length else torch.cat([documents, documents.new_tensor([length])])
+        longest = max(lengths + [length - bounds[-1]])
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                                max_seqlen_q=longest, max_seqlen_kv=longest)
-    length = batch["tokens"].shape[1]
-    branches = batch["branches"][0]
-    masks = []
-    for start, end in zip(bounds, bounds[1:]):
-        branch = branches[start:end]
-        if not bool(branch.any()):
-            masks.append(None)
-            continue
-        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=branch.device).tril()
-        masks.append(causal & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))
+    device = batch["tokens"].device
+    longest = max(lengths)
+    offsets = torch.arange(longest, device=device)
+    starts = documents[:-1].to(device=device, dtype=torch.int64)
+    valid = offsets[None, :] < torch.tensor(lengths, device=device)[:, None]
+    index = torch.where(valid, starts[:, None] + offsets[None, :], 0)
+    row_positions, branches = batch["position_ids"][0], batch["branches"][0]
+    mask = None
+    if bool(branches.any()):
+        branch = branches[index]  # [D, n]
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        mask = causal & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))
+        # every query sees itself: padding queries then never have an empty row (NaN in the softmax's backward)
+        mask = (mask | torch.eye(longest, dtype=torch.bool, device=device))[:, None]
     return PackedLayout(qkv_format="sbhd", cu_seqlens_q=documents, cu_seqlens_kv=documents, max_seqlen_q=length,
-                        max_seqlen_kv=length, positions=batch["position_ids"][0], bounds=bounds, masks=masks)
+                        max_seqlen_kv=length, row_positions=row_positions, index=index, valid=valid,
+                        used=bounds[-1], positions=row_positions[index], mask=mask)
 
 
 class PackedSelfAttention(SelfAttention):
@@ -75,14 +94,14 @@ class PackedSelfAttention(SelfAttention):
 
     def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
         if isinstance(packed_seq_params, PackedLayout) and rotary_pos_emb is not None:
-            rotary_pos_emb = rotary_pos_emb[packed_seq_params.positions]  # [L, 1, 1, D] of positions 0..L-1
+            rotary_pos_emb = rotary_pos_emb[packed_seq_params.row_positions]  # [L, 1, 1, D] of positions 0..L-1
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb,
                                packed_seq_params=packed_seq_params, **kwargs)
 
 
 class PackedDotProductAttention(DotProductAttention):
-    """Megatron's local core attention, and with a ``PackedLayout`` torch's SDPA per document under its mask
-    (module docstring). Dropout must be 0 (the trainer's): the packed path applies none."""
+    """Megatron's local core attention, and with a ``PackedLayout`` torch's SDPA over the documents under their
+    masks (module docstring). Dropout must be 0 (the trainer's): the packed path applies none."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, attention_dropout=None,
                  softmax_scale=None, **kwargs):
@@ -101,18 +120,17 @@ class PackedDotProductAttention(DotProductAttention):
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         layout = packed_seq_params
         length, _, heads, head_size = query.shape  # [L, 1, heads / TP, d]
-        repeats = heads // key.shape[2]  # grouped-query attention: each key/value head serves `repeats` queries
-        q = query[:, 0].transpose(0, 1)
-        k = key[:, 0].repeat_interleave(repeats, dim=1).transpose(0, 1)
-        v = value[:, 0].repeat_interleave(repeats, dim=1).transpose(0, 1)
-        outputs = []
-        for (start, end), mask in zip(zip(layout.bounds, layout.bounds[1:]), layout.masks):
-            if self.window is not None:
-                position = layout.positions[start:end]
-                near = (position[:, None] - position[None, :]) <= self.window
-                mask = near & (mask if mask is not None else torch.ones_like(near).tril())
-            outputs.append(F.scaled_dot_product_attention(
-                q[:, start:end], k[:, start:end], v[:, start:end], attn_mask=mask, is_causal=mask is None,
-                scale=self.softmax_scale))
-        context = torch.cat(outputs, dim=1)  # [heads, L, d]
-        return context.transpose(0, 1).reshape(length, 1, heads * head_size)
+
+        def documents(x: Tensor) -> Tensor:  # [L, 1, h, d] -> [D, heads, n, d]; grouped-query keys repeated per query
+            return x[:, 0].repeat_interleave(heads // x.shape[2], dim=1)[layout.index].transpose(1, 2)
+
+        mask = layout.mask
+        if self.window is not None:
+            near = (layout.positions[:, :, None] - layout.positions[:, None, :]) <= self.window
+            causal = torch.ones(near.shape[-2:], dtype=torch.bool, device=near.device).tril()
+            mask = near[:, None] & (mask if mask is not None else causal)
+        output = F.scaled_dot_product_attention(documents(query), documents(key), documents(value), attn_mask=mask,
+                                                is_causal=mask is None, scale=self.softmax_scale)
+        context = output.transpose(1, 2)[layout.valid]  # [used, heads, d], the documents' tokens in row order
+        tail = context.new_zeros(length - layout.used, heads, head_size)
+        return torch.cat([context, tail]).reshape(length, 1, heads * head_size)

@@ -64,7 +64,7 @@ fp32 logits the cross-entropy keeps (``4 s b V / t``; conservative: the trainer 
 micro_batch_size sequences of ``seq_length`` tokens (3 x with WRPO's second chosen response: ``responses_per_row``).
 
 **Packed micro-batches** (``data.packing``) are one row of ``packed_tokens`` (the token budget): s b = the budget
-in every term above. Their attention (torch's scaled_dot_product_attention per document, ``attention.py``, or
+in every term above. Their attention (torch's scaled_dot_product_attention over the documents, ``attention.py``, or
 Transformer Engine's THD kernels) keeps no score matrix, so the unfused ``a s^2 b`` term does not apply. The default
 budget, micro_batch_size x responses x seq_length, is the unpacked micro-batch's token count: the same memory, less
 the score matrices of the local spec.
@@ -197,7 +197,7 @@ def layer_activation_bytes(*, model: ModelConfig, tensor: int, micro_batch_size:
     if needs_own_layer(model):
         fused_attention = False  # Gemma's layer runs Megatron's local (unfused) attention everywhere
     if packed_tokens is not None:
-        fused_attention = True  # packed rows: SDPA per document or TE's THD kernels, no score matrix kept
+        fused_attention = True  # packed rows: SDPA over the documents or TE's THD kernels, no scores kept
     if not fused_attention and recompute != "selective":
         split += element * heads * seq_length * tokens  # softmax output a s^2 b
     return replicated + split // tensor

@@ -113,7 +113,7 @@ def collate_packed(examples: list[PreferenceExample], *, length: int, pad_id: in
 
         response_slots  [1, L] int64  the unpacked sequence (g * B + b) of each response label, -1 elsewhere
         branches        [1, L] int64  0: a document's shared part (a whole sequence unshared), k: response branch k
-        documents       [D + 1] int32 cumulative document lengths, cu_seqlens (the pad tail is the last document)
+        documents       [D + 1] int32 cumulative document lengths, cu_seqlens (the pad tail after them is none)
     """
     responses = {responses_of(e) for e in examples}
     if len(responses) != 1:
@@ -153,9 +153,7 @@ def collate_packed(examples: list[PreferenceExample], *, length: int, pad_id: in
     used = len(tokens)
     if used > length:
         raise ValueError(f"{count} pairs take {used} tokens, more than the packed length {length}")
-    if used < length:
-        add([pad_id] * (length - used), start=0, branch=0, slot=None, answer=0)
-        documents.append(length)
+    add([pad_id] * (length - used), start=0, branch=0, slot=None, answer=0)
     slots_tensor = torch.tensor([slots], dtype=torch.int64)
     return PreferenceBatch(
         tokens=torch.tensor([tokens], dtype=torch.int64), labels=torch.tensor([labels], dtype=torch.int64),

@@ -22,7 +22,7 @@ def test_unshared_pairs_are_their_sequences_one_after_the_other_with_positions_r
     # [1 2 3 4 5] [1 2 3 6] [9 10] [9 11 12 13] then 5 pad tokens (a document of their own)
     assert batch["tokens"].tolist() == [[1, 2, 3, 4, 5, 1, 2, 3, 6, 9, 10, 9, 11, 12, 13, 0, 0, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 4]]
-    assert batch["documents"].tolist() == [0, 5, 9, 11, 15, 20] and batch["documents"].dtype == torch.int32
+    assert batch["documents"].tolist() == [0, 5, 9, 11, 15] and batch["documents"].dtype == torch.int32
     # response labels go to the unpacked order: chosen of pairs 0, 1 (slots 0, 1), then rejected (2, 3)
     assert batch["response_slots"].tolist() == [[-1, -1, 0, 0, -1, -1, -1, 2, -1, 1, -1, 3, 3, 3, -1] + [-1] * 5]
     labels, slots = batch["labels"][0], batch["response_slots"][0]
@@ -39,7 +39,7 @@ def test_a_shared_prompt_is_held_once_and_each_response_branch_restarts_from_its
     assert batch["branches"].tolist() == [[0, 0, 1, 1, 1, 2, 2, 1, 1, 2, 2, 2, 2, 0, 0, 0]]
     # each branch's positions continue from the prompt, as the unpacked response's do
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1, 2]]
-    assert batch["documents"].tolist() == [0, 7, 13, 16]  # one document per pair
+    assert batch["documents"].tolist() == [0, 7, 13]  # one document per pair; the pad tail is none
     assert batch["response_slots"].tolist() == [[-1, -1, 0, 0, -1, 2, -1, 1, -1, 3, 3, 3, -1, -1, -1, -1]]
     labels, slots = batch["labels"][0], batch["response_slots"][0]
     assert labels[slots >= 0].tolist() == [4, 5, 6, 10, 11, 12, 13]  # the prompt's last token predicts each first one
