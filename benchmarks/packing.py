@@ -20,6 +20,11 @@ unpacked run; also the fastest step's pairs/s and its ratio (on a shared machine
 the fastest steps show the cost of the work itself; the medians are the figures). ``tokens_per_sec`` as the trainer logs it counts the tokens each mode computes (the prompt once when
 shared). Goal (issue #18): >= 1.5x pairs/s where padding is >= 40 % of the unpacked tokens.
 
+``--scoring``: source scoring instead, the product's ``SourceScorer.score`` over the same rows with
+``sources.share_prompt`` false (two sequences per row) and true (one, the prompt computed once), a randomly
+initialised transformers Llama of ``--model``'s shape with the pivot's tokenizer, alternating ``--repeats`` times:
+rows/s and the ratio.
+
   CPU:   python -m benchmarks.packing --model small --repeats 3
          python -m benchmarks.packing --model small --data fill --repeats 2   (the control)
   H100:  python -m benchmarks.packing --model smollm2-135m --seq-length 128 --global-batch-size 64 \\
@@ -63,18 +68,62 @@ def data_profile(path, *, seq_length: int, chat_template: str) -> dict:
             "shared_prompt_tokens_share": sum(pair_tokens(e, share_prompt=True) for e in dataset) / padded}
 
 
+def _rows_file(args: argparse.Namespace):
+    if args.data == "fill":
+        return common.write_preference_data(
+            args.workdir / "pairs.jsonl", rows=max(args.global_batch_size * args.steps, 8),
+            prompt_words=args.seq_length // 4, response_words=args.seq_length, fill_tokens=args.seq_length)
+    if args.rows is None:
+        return REAL_DATA
+    data = args.workdir / "pairs.jsonl"  # the first rows only
+    data.write_text("".join(REAL_DATA.read_text().splitlines(keepends=True)[:args.rows]))
+    return data
+
+
+def measure_scoring(args: argparse.Namespace) -> dict:
+    """Source scoring with and without a shared prompt (``--scoring``)."""
+    import time
+
+    import torch
+
+    from infifpo_mcore.data import read_preference_rows
+    from infifpo_mcore.sources import SourceScorer, load_model
+
+    shape = common.SHAPES[args.model]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data = _rows_file(args)
+    profile = data_profile(data, seq_length=args.seq_length, chat_template=CHAT_TEMPLATE[args.data])
+    model_dir = common.save_random_hf_model(shape, args.workdir / "source", max_positions=4 * args.seq_length)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_dir=model_dir, gguf_file=None, precision=args.precision, device=device)
+    settings = dict(override.removeprefix("tokenizer.").split("=", 1) for override in common.PIVOT_TOKENIZER)
+    tokenizer = build_tokenizer(**settings, chat_template=CHAT_TEMPLATE[args.data])
+    rows = read_preference_rows(data)
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    scores = {}
+    for _ in range(args.repeats):
+        for share in (False, True):
+            scorer = SourceScorer(name="source", model=model, tokenizer=tokenizer, device=device,
+                                  batch_tokens=args.batch_tokens, share_prompt=share)
+            common.synchronize()
+            start = time.perf_counter()
+            scores[share] = scorer.score(rows)
+            common.synchronize()
+            seconds[share].append(time.perf_counter() - start)
+    delta = max(abs(a - b) for two, one in zip(scores[False], scores[True]) for a, b in zip(two[:2], one[:2]))
+    results = [{"share_prompt": share, "seconds": statistics.median(seconds[share]),
+                "rows_per_sec": len(rows) / statistics.median(seconds[share])} for share in (False, True)]
+    results[1]["rows_per_sec_vs_two_sequences"] = common.ratio(results[1]["rows_per_sec"], results[0]["rows_per_sec"])
+    return {"benchmark": "packing", "what": "source scoring", "data": args.data, "data_path": str(data),
+            "data_profile": profile, "model": args.model, "shape": vars(shape), "precision": args.precision,
+            "batch_tokens": args.batch_tokens, "repeats": args.repeats, "max_abs_delta_logp_sum": delta,
+            "results": results}
+
+
 def measure(args: argparse.Namespace) -> dict:
     shape = common.SHAPES[args.model]
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.data == "real":
-        data = REAL_DATA
-        if args.rows is not None:  # the first rows only
-            data = args.workdir / "pairs.jsonl"
-            data.write_text("".join(REAL_DATA.read_text().splitlines(keepends=True)[:args.rows]))
-    else:
-        data = common.write_preference_data(
-            args.workdir / "pairs.jsonl", rows=max(args.global_batch_size * args.steps, 8),
-            prompt_words=args.seq_length // 4, response_words=args.seq_length, fill_tokens=args.seq_length)
+    data = _rows_file(args)
     profile = data_profile(data, seq_length=args.seq_length, chat_template=CHAT_TEMPLATE[args.data])
     steps = {mode: [] for mode in args.modes}
     for repeat in range(args.repeats):
@@ -120,8 +169,19 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps of each run left out")
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds of the modes")
     parser.add_argument("--rows", type=int, default=None, help="real data: the first ROWS pairs only (default all)")
+    parser.add_argument("--scoring", action="store_true", help="source scoring, two sequences vs a shared prompt")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="--scoring: sources.batch_tokens")
     common.add_output_arguments(parser, name="packing")
     args = parser.parse_args()
+    if args.scoring:
+        report = measure_scoring(args)
+        common.print_table(
+            f"packing --scoring: source scoring of {report['data_profile']['rows']} {args.data} rows, random "
+            f"{args.model} Llama, {args.repeats} repeats (max |delta| of a log-prob sum "
+            f"{report['max_abs_delta_logp_sum']:.2e})", report["results"],
+            ["share_prompt", "seconds", "rows_per_sec", "rows_per_sec_vs_two_sequences"])
+        common.write_json(args.out, report)
+        return
     report = measure(args)
     profile = report["data_profile"]
     common.print_table(
