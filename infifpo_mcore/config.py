@@ -203,6 +203,9 @@ class SourcesConfig:
     output: str | None = None  # the scored dataset launch/score_sources.py writes (or its --out)
     chunk_rows: int = 64  # rows scored between two appends to the score cache: what an interruption can lose
     batch_tokens: int = 4096  # padded tokens per source forward pass
+    # Score a row's chosen and rejected in one sequence, the prompt computed once, where that is exact (attention that
+    # takes a custom mask, sequences within any sliding window, an unsharded source); false: two sequences per row
+    share_prompt: bool = True
     # FP8 sources: rows scored also in bf16 at start, to report the mean / max |delta log-prob| per token (0: off)
     precision_check_rows: int = 16
     # Online: how long the last stage waits for a batch's scores (the first includes loading the source models)
@@ -229,6 +232,16 @@ class DataConfig:
     max_prompt_length: int | None = None  # None: prompts are only limited by model.seq_length
     shuffle: bool = True
     skip_invalid_rows: bool = False  # false: any invalid row stops the run at start; true: skipped, counted, listed
+    # Padding-free micro-batches (packing.py): whole pairs packed into one row of pack_tokens tokens, attention and
+    # positions per sequence. null: on where the layer spec's attention runs it (the local spec: CPU, GPUs without
+    # Transformer Engine, Gemma 3), off on Transformer Engine's (its THD path is not verified yet; true uses it)
+    packing: bool | None = None
+    # Tokens per packed micro-batch; null: train.micro_batch_size x responses per pair x model.seq_length (the
+    # unpacked micro-batch's size). At least responses per pair x model.seq_length, so every pair fits.
+    pack_tokens: int | None = None
+    # Packed pairs hold their prompt once, each response seeing it and itself but not the other response(s);
+    # null: wherever packing is on, but on Transformer Engine (refused there)
+    share_prompt: bool | None = None
 
 
 @dataclass
@@ -415,6 +428,8 @@ def _parse_override(override: str, problems: list[str]) -> dict:
 
 def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     """Checks that need only the config (world-size checks live in `validate_layout`)."""
+    from infifpo_mcore.losses import LOSSES  # here: loading a config should not pay for importing torch elsewhere
+
     problems = []
 
     def get(key: str) -> Any:
@@ -428,7 +443,7 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                 "model.local_rotary_base",
                 "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "train.eval_interval",
                 "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta", "loss.ipo_tau",
-                "data.max_prompt_length", "train.micro_batch_size",
+                "data.max_prompt_length", "data.pack_tokens", "train.micro_batch_size",
                 "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval",
                 "checkpoint.keep_last", "train.max_consecutive_bad_steps", "parallel.timeout_minutes",
                 "parallel.ddp_bucket_size"]
@@ -468,6 +483,13 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     if max_prompt is not None and max_prompt >= cfg.model.seq_length:
         problems.append(f"data.max_prompt_length ({max_prompt}) must be < model.seq_length "
                         f"({cfg.model.seq_length}) to leave room for the response")
+    if cfg.data.share_prompt and cfg.data.packing is False:
+        problems.append("data.share_prompt: true needs packed micro-batches; set data.packing true or null")
+    responses = len(LOSSES[cfg.loss.type].responses)
+    if cfg.data.pack_tokens is not None and 0 < cfg.data.pack_tokens < responses * cfg.model.seq_length:
+        problems.append(f"data.pack_tokens ({cfg.data.pack_tokens}) must be >= {responses * cfg.model.seq_length}, "
+                        f"the {responses} sequences of model.seq_length ({cfg.model.seq_length}) a pair of "
+                        f"loss.type={cfg.loss.type} may take, so that every pair fits a micro-batch")
     if train.precision == Precision.fp8:  # TE's FP8 GEMMs want every dimension a multiple of 16
         for key in ("model.seq_length", "model.hidden_size", "model.ffn_hidden_size"):
             if get(key) % 16:
@@ -476,8 +498,6 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
     if cfg.sources.num_ranks and not cfg.sources.models:
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): no sources.models to run on those ranks")
-    from infifpo_mcore.losses import LOSSES  # here: loading a config should not pay for importing torch elsewhere
-
     if cfg.sources.num_ranks and not LOSSES[cfg.loss.type].uses_sources:
         users = " | ".join(name for name, spec in LOSSES.items() if spec.uses_sources)
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "

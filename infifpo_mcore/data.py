@@ -84,6 +84,10 @@ class PreferenceBatch(TypedDict, total=False):
     loss_mask: Required[torch.Tensor]     # [G*B, S] float32, 1 where labels[:, t] is a response token
     position_ids: Required[torch.Tensor]  # [G*B, S] int64
     row_ids: Required[torch.Tensor]       # [B] int64, dataset indices
+    # Packed micro-batches (packing.collate_packed: the keys above are [1, L] there) also carry these
+    response_slots: torch.Tensor          # [1, L] int64, the sequence g*B + b of each response label, -1 elsewhere
+    branches: torch.Tensor                # [1, L] int64, 0: shared part / whole sequence, k: response branch k
+    documents: torch.Tensor               # [D + 1] int32, cu_seqlens of the attention documents
     # The rows' reference scores under references' key schema (losses.PreferenceLogps names, [B] or [B, N]),
     # joined by ``references.References.join`` on the last pipeline stage, the only one that computes the loss
     reference: dict[str, torch.Tensor]

@@ -14,17 +14,22 @@ Megatron-Core's GPT specs already express head sizes of their own (``kv_channels
 
 That spec uses Megatron-Core's local modules on every device (no Transformer Engine, hence no FP8: refused by name
 in the config). The embedding scale (x sqrt(hidden_size)) is a forward hook set in ``model.build_gpt``.
+
+Both local specs (Megatron's, Gemma's) take their self-attention and core attention from ``attention.py``:
+Megatron's classes, which also run packed micro-batches (``packing``); Transformer Engine's spec is Megatron's own
+and runs them through its THD path. That is the one spec choice between the two packed-attention paths.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -34,6 +39,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from infifpo_mcore.attention import PackedDotProductAttention, PackedSelfAttention
 from infifpo_mcore.config import ModelConfig
 from infifpo_mcore.rope import plain_frequencies
 
@@ -69,7 +75,7 @@ class PostNormRowParallelLinear(RowParallelLinear):
         return self.post_layernorm(output), bias
 
 
-class LocalRopeSelfAttention(SelfAttention):
+class LocalRopeSelfAttention(PackedSelfAttention):
     """Self-attention whose sliding-window layers (``config.window_attn_skip_freq``) rotate queries and keys with a
     RoPE table of their own (base ``local_rotary_base``, unscaled) instead of the model's; full-attention layers
     use the model's."""
@@ -90,6 +96,7 @@ class LocalRopeSelfAttention(SelfAttention):
     def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
         if self.local_rotary is not None and rotary_pos_emb is not None:
             rotary_pos_emb = self.local_rotary(rotary_pos_emb.shape[0])  # [S, 1, 1, D] like the model's
+        # packed: PackedSelfAttention then takes each token's position from this table
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
 
@@ -107,7 +114,8 @@ def own_block_spec(*, model: ModelConfig, config: TransformerConfig,
                 module=LocalRopeSelfAttention,
                 params=attention_params,
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention, linear_proj=output_projection,
+                    linear_qkv=ColumnParallelLinear, core_attention=PackedDotProductAttention,
+                    linear_proj=output_projection,
                     q_layernorm=norm if model.qk_layernorm else IdentityOp,
                     k_layernorm=norm if model.qk_layernorm else IdentityOp),
             ),
@@ -123,9 +131,14 @@ def own_block_spec(*, model: ModelConfig, config: TransformerConfig,
 
 
 def megatron_spec(*, model: ModelConfig, config: TransformerConfig, transformer_engine: bool) -> ModuleSpec:
-    """Megatron-Core's GPT layer spec: Transformer Engine's, or its local one."""
+    """Megatron-Core's GPT layer spec: Transformer Engine's, or its local one with the attention of
+    ``attention.py`` (Megatron's own classes, which also run packed micro-batches)."""
     if transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=None, moe_grouped_gemm=False, qk_layernorm=model.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization,
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization,
                                                     qk_layernorm=model.qk_layernorm)
+    attention = spec.submodules.self_attention
+    packed = replace(attention, module=PackedSelfAttention,
+                     submodules=replace(attention.submodules, core_attention=PackedDotProductAttention))
+    return replace(spec, submodules=replace(spec.submodules, self_attention=packed))

@@ -63,6 +63,12 @@ fp32 logits the cross-entropy keeps (``4 s b V / t``; conservative: the trainer 
 **A preference pair doubles the sequences**: chosen and rejected of a row share a micro-batch, so b = 2 x
 micro_batch_size sequences of ``seq_length`` tokens (3 x with WRPO's second chosen response: ``responses_per_row``).
 
+**Packed micro-batches** (``data.packing``) are one row of ``packed_tokens`` (the token budget): s b = the budget
+in every term above. Their attention (torch's scaled_dot_product_attention over the documents, ``attention.py``, or
+Transformer Engine's THD kernels) keeps no score matrix, so the unfused ``a s^2 b`` term does not apply. The default
+budget, micro_batch_size x responses x seq_length, is the unpacked micro-batch's token count: the same memory, less
+the score matrices of the local spec.
+
 **Pipeline schedule**: with 1F1B, stage s (0-based) holds the activations of ``p - s`` micro-batches at its peak,
 so stage 0 keeps p micro-batches of its L / p layers in flight (Narayanan et al. 2021, "Efficient Large-Scale
 Language Model Training on GPU Clusters Using Megatron-LM", section 2.2.1). This assumes at least p micro-batches
@@ -74,6 +80,7 @@ workspaces and FP8 scaling state, the temporary all-gather / reduce-scatter buff
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -166,12 +173,18 @@ def stage_parameters(*, model: ModelConfig, vocab_size: int, tensor: int, pipeli
     return count
 
 
+def _tokens(*, micro_batch_size: int, seq_length: int, responses_per_row: int, packed_tokens: int | None) -> int:
+    """s * b of one micro-batch: b = chosen + rejected (+ chosen_pivot) sequences per pair, or the packed budget."""
+    return packed_tokens if packed_tokens is not None else responses_per_row * micro_batch_size * seq_length
+
+
 def layer_activation_bytes(*, model: ModelConfig, tensor: int, micro_batch_size: int, seq_length: int,
                            precision: str, fused_attention: bool = True, responses_per_row: int = 2,
-                           recompute: str = "none") -> int:
+                           recompute: str = "none", packed_tokens: int | None = None) -> int:
     """Activations one transformer layer keeps for one micro-batch on one rank (module docstring formula)."""
     element = _ELEMENT_BYTES[counted_precision(precision)]
-    tokens = responses_per_row * micro_batch_size * seq_length  # s * b, with b = chosen + rejected (+ chosen_pivot)
+    tokens = _tokens(micro_batch_size=micro_batch_size, seq_length=seq_length, responses_per_row=responses_per_row,
+                     packed_tokens=packed_tokens)
     h, heads, groups = model.hidden_size, model.num_attention_heads, model.num_query_groups
     if recompute == "full":
         return element * tokens * h  # the layer's input only
@@ -183,6 +196,8 @@ def layer_activation_bytes(*, model: ModelConfig, tensor: int, micro_batch_size:
         split += element * tokens * (heads + groups) * d  # the q / k norms' inputs
     if needs_own_layer(model):
         fused_attention = False  # Gemma's layer runs Megatron's local (unfused) attention everywhere
+    if packed_tokens is not None:
+        fused_attention = True  # packed rows: SDPA over the documents or TE's THD kernels, no scores kept
     if not fused_attention and recompute != "selective":
         split += element * heads * seq_length * tokens  # softmax output a s^2 b
     return replicated + split // tensor
@@ -190,14 +205,16 @@ def layer_activation_bytes(*, model: ModelConfig, tensor: int, micro_batch_size:
 
 def activation_bytes(*, model: ModelConfig, tensor: int, pipeline: int, stage: int, micro_batch_size: int,
                      seq_length: int, precision: str, vocab_size: int, fused_attention: bool = True,
-                     responses_per_row: int = 2, recompute: str = "none") -> int:
+                     responses_per_row: int = 2, recompute: str = "none", packed_tokens: int | None = None) -> int:
     """Activations one micro-batch leaves on one rank of ``stage`` for its backward (module docstring formula)."""
     element = _ELEMENT_BYTES[counted_precision(precision)]
-    tokens = responses_per_row * micro_batch_size * seq_length
+    tokens = _tokens(micro_batch_size=micro_batch_size, seq_length=seq_length, responses_per_row=responses_per_row,
+                     packed_tokens=packed_tokens)
     h = model.hidden_size
     per_layer = layer_activation_bytes(model=model, tensor=tensor, micro_batch_size=micro_batch_size,
                                        seq_length=seq_length, precision=precision, fused_attention=fused_attention,
-                                       responses_per_row=responses_per_row, recompute=recompute)
+                                       responses_per_row=responses_per_row, recompute=recompute,
+                                       packed_tokens=packed_tokens)
     total = model.num_layers // pipeline * per_layer
     if stage == pipeline - 1:
         padded = padded_vocab(model=model, vocab_size=vocab_size, tensor=tensor)
@@ -208,13 +225,14 @@ def activation_bytes(*, model: ModelConfig, tensor: int, pipeline: int, stage: i
 def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, data: int, micro_batch_size: int,
                              seq_length: int, precision: str, distributed_optimizer: bool, vocab_size: int,
                              fused_attention: bool = True, responses_per_row: int = 2,
-                             recompute: str = "none") -> MemoryEstimate:
+                             recompute: str = "none", packed_tokens: int | None = None) -> MemoryEstimate:
     """Memory of one rank of the heaviest pipeline stage (see the module docstring for every formula).
 
     ``precision``: 'bf16', 'fp32' or 'fp8' (counted as bf16; resolve 'auto' first). ``vocab_size``: the tokenizer's
     (or model.vocab_size), padded here as the trainer pads it. ``fused_attention``: Transformer Engine / flash attention (no s^2 scores
     kept); False for Megatron's local layer spec. ``responses_per_row``: sequences per row (3 for WRPO).
-    ``recompute``: 'none', 'selective' or 'full' (``train.recompute``).
+    ``recompute``: 'none', 'selective' or 'full' (``train.recompute``). ``packed_tokens``: the token budget of a
+    packed micro-batch (``data.packing``), None when unpacked.
     """
     precision = counted_precision(precision)
     weight, gradient, optimizer = STATE_BYTES[precision]
@@ -231,12 +249,12 @@ def estimate_memory_per_rank(*, model: ModelConfig, tensor: int, pipeline: int, 
             activation_bytes_per_microbatch=activation_bytes(
                 model=model, tensor=tensor, pipeline=pipeline, stage=stage, micro_batch_size=micro_batch_size,
                 seq_length=seq_length, precision=precision, vocab_size=vocab_size, fused_attention=fused_attention,
-                responses_per_row=responses_per_row, recompute=recompute),
+                responses_per_row=responses_per_row, recompute=recompute, packed_tokens=packed_tokens),
             microbatches_in_flight=pipeline - stage,
             recomputed_layer_bytes=layer_activation_bytes(
                 model=model, tensor=tensor, micro_batch_size=micro_batch_size, seq_length=seq_length,
-                precision=precision, fused_attention=fused_attention,
-                responses_per_row=responses_per_row) if recompute == "full" else 0,
+                precision=precision, fused_attention=fused_attention, responses_per_row=responses_per_row,
+                packed_tokens=packed_tokens) if recompute == "full" else 0,
         ))
     return max(estimates, key=lambda estimate: estimate.total_bytes)
 
@@ -258,20 +276,31 @@ HEADROOM = 0.15
 
 
 def choose_micro_batch_size(*, estimate: Callable[[int], MemoryEstimate], rows_per_rank: int, pipeline: int,
-                            capacity_bytes: int) -> tuple[int, MemoryEstimate, bool]:
+                            capacity_bytes: int, packed: tuple[float, Callable[[int], int]] | None = None
+                            ) -> tuple[int, MemoryEstimate, bool]:
     """``train.micro_batch_size: null``: (pairs per micro-batch, its estimate, whether it fits).
 
     The largest divisor of the step's ``rows_per_rank`` (global batch / DP) whose ``estimate`` stays within
     ``capacity_bytes`` less ``HEADROOM``: a larger micro-batch uses the GPU better. With pipeline parallelism it keeps
     at least 2 x ``pipeline`` micro-batches per step where one fits, since 1F1B idles (p - 1) / (m + p - 1) of the
-    step. Nothing fits: 1, and False (the caller warns)."""
+    step. Nothing fits: 1, and False (the caller warns).
+
+    ``packed``: (the mean tokens a pair takes packed, the token budget of a size) for packed micro-batches, whose
+    estimate is that of the budget; a step then has about rows x mean / budget micro-batches, not rows / size."""
     budget = capacity_bytes * (1 - HEADROOM)
     divisors = [size for size in range(rows_per_rank, 0, -1) if rows_per_rank % size == 0]
     fitting = [(size, result) for size in divisors if (result := estimate(size)).total_bytes <= budget]
     if not fitting:
         return 1, estimate(1), False
+
+    def micro_batches(size: int) -> float:
+        if packed is None:
+            return rows_per_rank // size
+        mean_tokens, token_budget = packed
+        return math.ceil(rows_per_rank * mean_tokens / token_budget(size))
+
     if pipeline > 1:
-        filled = [(size, result) for size, result in fitting if rows_per_rank // size >= 2 * pipeline]
+        filled = [(size, result) for size, result in fitting if micro_batches(size) >= 2 * pipeline]
         fitting = filled or fitting
     size, result = fitting[0]
     return size, result, True

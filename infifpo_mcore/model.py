@@ -109,6 +109,9 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         recompute_granularity=None if recompute == "none" else str(recompute),
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
+        # The training loss_func returns (sum over its pairs, pair count, metrics): the schedule and finalize_model_grads
+        # scale gradients by 1 / (pairs in the global batch) whatever each micro-batch holds (train_step.py)
+        calculate_per_token_loss=True,
     )
 
 
@@ -119,12 +122,18 @@ def _window_layers(model: ModelConfig) -> list[int] | None:
     return [int(windowed) for windowed in model.window_layers]
 
 
+def transformer_engine_attention(model: ModelConfig) -> bool:
+    """Whether the pivot's layers are Transformer Engine's (packed micro-batches then take Megatron's THD path)
+    rather than the local spec's (``attention.py``)."""
+    return not needs_own_layer(model) and transformer_engine_available()
+
+
 def _layer_spec(*, model: ModelConfig, config: TransformerConfig):
     if needs_own_layer(model):
         return layer_spec.own_block_spec(model=model, config=config)
     if torch.cuda.is_available() and not transformer_engine_available():
         logger.warning("Transformer Engine is not installed: local layer spec, no FP8 (install TE for fused/FP8 layers).")
-    return layer_spec.megatron_spec(model=model, config=config, transformer_engine=transformer_engine_available())
+    return layer_spec.megatron_spec(model=model, config=config, transformer_engine=transformer_engine_attention(model))
 
 
 def _scale_embedding_output(module, args, output: torch.Tensor) -> torch.Tensor:
@@ -154,6 +163,11 @@ class ResponseOnlyLogits:
         return (hidden_states[self.positions].unsqueeze(1), *args[1:])
 
 
+def uses_thd_attention(model: DistributedDataParallel) -> bool:
+    """Whether this chunk's attention takes packed micro-batches in Megatron's THD layout (Transformer Engine)."""
+    return model.module.thd_attention
+
+
 def set_response_positions(model: DistributedDataParallel, positions: torch.Tensor) -> None:
     """Selects the output positions of the next forward of this chunk (a no-op off the last stage)."""
     selector = getattr(model.module, "response_logits", None)
@@ -181,6 +195,7 @@ def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int,
         gpt.embedding.register_forward_hook(_scale_embedding_output)
     if gpt.post_process:
         gpt.response_logits = ResponseOnlyLogits(gpt)
+    gpt.thd_attention = transformer_engine_attention(model)  # how packed micro-batches reach attention (train_step)
     return gpt
 
 

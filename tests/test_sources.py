@@ -135,6 +135,29 @@ def test_fp8_length_padding_leaves_the_scores_unchanged(tiny_sources, data):
     assert any(length % 16 for _, length in lengths[len(lengths) // 2:])  # the unpadded batches would not fit
 
 
+@pytest.mark.parametrize("family, window", [("llama_tied", None), ("mistral", 512), ("mistral", 32), ("gemma3", 16)])
+def test_a_shared_prompt_gives_each_response_its_own_sequence_s_scores(family, window, data, tmp_path):
+    """sources.share_prompt: [prompt, chosen, last prompt token, rejected] in one sequence under a custom mask gives
+    the scores of two sequences (the rows' prompts are 20-120 tokens: one forward computes the prompt once). A
+    sliding window shorter than the rows (Mistral's 32, Gemma 3's 16 tokens) would be lost under a custom mask:
+    those rows are scored as two sequences."""
+    changes = {"sliding_window": window} if family == "mistral" else {}
+    model_dir = source_models.tiny_model(tmp_path, family=family, vocab_size=32000, seed=3, **changes)
+    tokenizer = build_tokenizer(type="sentencepiece", path=source_models.MISTRAL_V1, chat_template="mistral")
+    model = sources_module.load_model(model_dir=model_dir, gguf_file=None, precision="fp32", device=CPU)
+    rows = read_preference_rows(data)
+    scorers = {share: SourceScorer(name=family, model=model, tokenizer=tokenizer, device=CPU, batch_tokens=600,
+                                   share_prompt=share) for share in (False, True)}
+    batch_rows = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    _assert_same_scores(_scored(scorers[True], rows), _scored(scorers[False], rows))
+    hook.remove()
+    shared = window is None or window > 200
+    assert scorers[True].shares_prompt(scorers[True].encode_pairs(rows)) == shared
+    assert sum(batch_rows) == (3 if shared else 4) * len(rows)  # one sequence per row shared, else two
+
+
 def _bf16_autocast_scorer(scorer: SourceScorer) -> SourceScorer:
     """The FP8 arrangement with what a CPU has: forwards under bf16 autocast, fp32 as the reference precision."""
     return SourceScorer(name=scorer.name, model=scorer.model, tokenizer=scorer.tokenizer, device=CPU, batch_tokens=300,
