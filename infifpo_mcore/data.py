@@ -76,6 +76,10 @@ class PreferenceBatch(TypedDict, total=False):
     loss_mask: Required[torch.Tensor]     # [G*B, S] float32, 1 where labels[:, t] is a response token
     position_ids: Required[torch.Tensor]  # [G*B, S] int64
     row_ids: Required[torch.Tensor]       # [B] int64, dataset indices
+    # Packed micro-batches (packing.collate_packed: the keys above are [1, L] there) also carry these
+    response_slots: torch.Tensor          # [1, L] int64, the sequence g*B + b of each response label, -1 elsewhere
+    branches: torch.Tensor                # [1, L] int64, 0: shared part / whole sequence, k: response branch k
+    documents: torch.Tensor               # [D + 1] int32, cu_seqlens of the attention documents
     # The rows' reference scores under references' key schema (losses.PreferenceLogps names, [B] or [B, N]),
     # joined by ``references.References.join`` on the last pipeline stage, the only one that computes the loss
     reference: dict[str, torch.Tensor]
@@ -235,6 +239,10 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
     for row in rows:
         try:
             prompt_ids = tokenizer.encode_prompt(row.prompt)
+            # a jinja template renders each response after the prompt (tokenization.py), and may refuse it
+            texts = {"chosen": row.chosen, "rejected": row.rejected, CHOSEN_PIVOT: row.chosen_pivot}
+            whole = {name: tokenizer.encode_response(texts[name], prompt=row.prompt)
+                     for name in RESPONSES if name in responses}
         except TokenizerError as error:
             problems.add(row.line, "prompt", str(error))
             continue
@@ -242,8 +250,6 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
             problems.add(row.line, "prompt", f"{len(prompt_ids)} tokens leave no room for the response in "
                          f"model.seq_length={seq_length} (data.max_prompt_length cuts prompts from the left)")
             continue
-        texts = {"chosen": row.chosen, "rejected": row.rejected, CHOSEN_PIVOT: row.chosen_pivot}
-        whole = {name: tokenizer.encode_response(texts[name]) for name in RESPONSES if name in responses}
         prompt, ids, truncated = truncate_example(prompt_ids=prompt_ids, responses=whole, seq_length=seq_length,
                                                   max_prompt_length=max_prompt_length, bos_id=tokenizer.bos_id)
         if same := _identical(ids):

@@ -31,33 +31,47 @@ def response_positions(loss_mask: Tensor) -> Tensor:
     return loss_mask.t().bool()
 
 
-def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+def _sequence_index(positions: Tensor, *, labels: Tensor, slots: Tensor | None) -> tuple[Tensor, int]:
+    """The sequence each response position (``response_positions`` order) belongs to, and the sequence count."""
+    if slots is None:
+        return positions.nonzero()[:, 1], labels.shape[0]
+    sequence_index = slots.t()[positions]
+    return sequence_index, int(sequence_index.max()) + 1
+
+
+def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor,
+                            slots: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-sequence sums of response log-probs and response lengths.
 
     Args:
         logits: ``[1, n, V / TP]`` logits at the n positions of ``response_positions(loss_mask)``, in its order.
         labels: ``[N, S]`` next-token targets.
         loss_mask: ``[N, S]`` 1 where ``labels`` is a response token.
+        slots: ``[N, S]`` the sequence each response label belongs to (packed rows, several sequences per row:
+            ``packing.collate_packed``), or None: row n is sequence n.
 
     Returns:
-        ``(sums [N], lengths [N])`` fp32.
+        ``(sums [M], lengths [M])`` fp32, M = N, or with ``slots`` its largest value + 1.
     """
     positions = response_positions(loss_mask)
     targets = labels.t()[positions]
     token_logps = vocab_parallel_token_logps(logits=logits, targets=targets.unsqueeze(0)).squeeze(0)
-    sequence_index = positions.nonzero()[:, 1]
-    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    sequence_index, count = _sequence_index(positions, labels=labels, slots=slots)
+    sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, sequence_index, token_logps)
-    return sums, loss_mask.float().sum(dim=-1)
+    if slots is None:
+        return sums, loss_mask.float().sum(dim=-1)
+    return sums, torch.zeros_like(sums).index_add(0, sequence_index, torch.ones_like(token_logps))
 
 
-def response_sequence_hits(*, logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
+def response_sequence_hits(*, logits: Tensor, labels: Tensor, loss_mask: Tensor,
+                           slots: Tensor | None = None) -> Tensor:
     """Per sequence, the response tokens that are the argmax of the logits over the whole vocabulary (SFT's token
     accuracy; a tie with the target counts as a hit), from vocabulary-sharded logits with two all-reduces over the
     TP group (the max logit, the target's logit). Call it before ``response_sequence_logps``, whose log-softmax
     works on the logits in place.
 
-    Args: as ``response_sequence_logps``. Returns: ``[N]`` fp32 counts, identical on every TP rank.
+    Args: as ``response_sequence_logps``. Returns: ``[M]`` fp32 counts (M as there), identical on every TP rank.
     """
     positions = response_positions(loss_mask)
     targets = labels.t()[positions]  # [n]
@@ -74,8 +88,8 @@ def response_sequence_hits(*, logits: Tensor, labels: Tensor, loss_mask: Tensor)
             dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
             dist.all_reduce(target_logit, group=group)
         hits = (target_logit >= best).float()
-    sequence_index = positions.nonzero()[:, 1]
-    return torch.zeros(labels.shape[0], dtype=hits.dtype, device=hits.device).index_add(0, sequence_index, hits)
+    sequence_index, count = _sequence_index(positions, labels=labels, slots=slots)
+    return torch.zeros(count, dtype=hits.dtype, device=hits.device).index_add(0, sequence_index, hits)
 
 
 def split_responses(values: Tensor, *, groups: int) -> tuple[Tensor, ...]:

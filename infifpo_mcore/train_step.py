@@ -5,14 +5,18 @@ last stage's output (vocab-sharded logits) reaches ``loss_func``, which turns it
 reference scores the batch carries (``batch["reference"]``, joined by ``references``) and applies the pure loss
 from ``losses``.
 
-Loss scaling: the schedule divides each micro-batch's loss by the number of micro-batches M and Megatron DDP averages
-gradients over the D data-parallel ranks. A preference loss returns the mean over its micro-batch's rows, so the
-gradient is that of the mean over the global batch (every micro-batch has the same number of rows). A token-level
-loss (SFT) returns its micro-batch's sum of token NLLs times ``token_scale`` = M x D / T, T the response tokens of
-the whole global batch (the trainer counts them before the step): the M x D cancel, and the gradient is that of
-(sum of token NLLs over the global batch) / T whatever the micro-batching and data parallelism. The same
-pre-computed scale serves every Megatron-Core version, unlike the schedule's per-token mode, which also changes the
-DDP gradient scaling of every loss.
+Loss scaling, Megatron-Core's per-token loss contract: the training ``loss_func`` returns ``(sum of its
+micro-batch's losses, number of units, metrics)``, and the pivot's TransformerConfig sets ``calculate_per_token_loss``
+(``model.build_transformer_config``). The unit is the pair for a preference loss, the response token for a
+token-level loss (SFT: the loss is the sum of the micro-batch's response-token NLLs). The schedule then neither
+divides by the number of micro-batches nor DDP by the data-parallel size; it adds up the unit counts, and
+``finalize_model_grads`` broadcasts the total from the last stage, all-reduces it over data-parallel ranks and scales
+the gradients by 1 / total. The gradient is that of the mean per-pair loss over the global batch, or for SFT of the
+mean NLL per response token of the global batch (Megatron-LM's and TRL's averaging, not a mean of per-row means),
+however many pairs each micro-batch holds (packed micro-batches hold different numbers: ``packing``) and however the
+batch is split over micro-batches and data-parallel ranks. The metrics travel the same way: sums over the
+micro-batch's units plus ``UNITS``, their count; ``schedule.mean_metrics`` divides the global sums by the global
+count.
 """
 
 from __future__ import annotations
@@ -25,29 +29,35 @@ import torch
 from torch import Tensor
 
 from infifpo_mcore import losses
+from infifpo_mcore.attention import packed_seq_params
 from infifpo_mcore.config import LossConfig
 from infifpo_mcore.data import RESPONSES, PreferenceBatch
 from infifpo_mcore.logprobs import (response_positions, response_sequence_hits, response_sequence_logps,
                                     split_responses)
-from infifpo_mcore.model import set_response_positions
+from infifpo_mcore.model import set_response_positions, uses_thd_attention
 
-# Per-row entries of the training loss output (the bad-step guard names rows with them); metrics are the other keys.
+# Per-row entries of the training loss output (the bad-step guard names rows with them) and the micro-batch's unit
+# count (pairs, or response tokens for SFT); metrics are the other keys, each a sum over the micro-batch's units.
 ROW_IDS = "row_ids"
 ROW_LOSSES = "row_losses"
+UNITS = "units"
 PER_ROW_KEYS = (ROW_IDS, ROW_LOSSES)
 TOKEN_HITS = "token_hits"  # evaluation rows of a token-level loss: response tokens the pivot predicts
 
 
 def _run_model(model: torch.nn.Module, batch: PreferenceBatch) -> Tensor:
     set_response_positions(model, response_positions(batch["loss_mask"]))
-    # attention_mask=None: the layer spec applies the causal mask; right padding is masked out of the loss instead.
-    return model(batch["tokens"], batch["position_ids"], None)
+    # attention_mask=None: the layer spec applies the causal mask (unpacked; right padding is masked out of the loss
+    # instead), or the packed layout's documents (packing).
+    packed = packed_seq_params(batch, thd=uses_thd_attention(model)) if "documents" in batch else None
+    return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
 
 
 def _response_logps(logits: Tensor, batch: PreferenceBatch) -> dict[str, tuple[Tensor, Tensor]]:
     """{response name: (sums [B], lengths [B])} for the responses the batch stacks (``data.RESPONSES`` order)."""
-    sums, lengths = response_sequence_logps(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"])
-    groups = batch["tokens"].shape[0] // batch["row_ids"].shape[0]
+    sums, lengths = response_sequence_logps(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"],
+                                            slots=batch.get("response_slots"))
+    groups = sums.shape[0] // batch["row_ids"].shape[0]
     return dict(zip(RESPONSES[:groups], zip(split_responses(sums, groups=groups),
                                             split_responses(lengths, groups=groups), strict=True)))
 
@@ -67,32 +77,32 @@ def loss_rows(responses: dict[str, tuple[Tensor, Tensor]], batch: PreferenceBatc
 
 def _hits(logits: Tensor, batch: PreferenceBatch) -> Tensor:
     """Per sequence, the response tokens the pivot predicts (argmax); before the log-probs use the logits."""
-    return response_sequence_hits(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"])
+    return response_sequence_hits(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"],
+                                  slots=batch.get("response_slots"))
 
 
-def micro_batch_loss(row_losses: Tensor, *, token_level: bool, token_scale: float) -> Tensor:
-    """What a micro-batch returns to the schedule (module docstring): the rows' mean, or for a token-level loss the
-    sum of its per-row token sums times ``token_scale``."""
-    return row_losses.sum() * token_scale if token_level else row_losses.mean()
-
-
-def training_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig, wrpo_alpha: float,
-                  token_scale: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """Last stage: response ``logits [1, n, V/TP]`` -> (the micro-batch's loss as the module docstring scales it,
-    metrics, plus ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``). ``wrpo_alpha``: WRPO's current
-    alpha; ``token_scale``: M x D / T, for a token-level loss (SFT), whose ``loss`` and ``token_accuracy`` then
-    average to their global-batch values over micro-batches and data-parallel ranks."""
+def training_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
+                  wrpo_alpha: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Last stage: response ``logits [1, n, V/TP]`` -> (sum of the micro-batch's losses, its unit count, reported),
+    the per-token loss contract of the module docstring: the B rows' losses and B for a preference loss, the response
+    tokens' NLLs and their count for a token-level loss (SFT). ``reported``: the loss and every metric summed over
+    the units, ``UNITS``, and ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``; SFT reports its loss
+    and ``token_accuracy`` (the response tokens the pivot predicts), both per response token. ``wrpo_alpha``: WRPO's
+    current alpha."""
     token_level = losses.loss_spec(loss.type).token_level
     hits = _hits(logits, batch) if token_level else None
-    row_losses, row_metrics = loss_rows(_response_logps(logits, batch), batch, loss, wrpo_alpha)
-    step_loss = micro_batch_loss(row_losses, token_level=token_level, token_scale=token_scale)
-    # Megatron's schedule divides the returned loss by the micro-batch count in place: report a copy.
-    reported = {"loss": step_loss.detach().clone()}
-    if hits is not None:
-        reported["token_accuracy"] = hits.sum() * token_scale
-    reported.update({name: value.detach().float().mean() for name, value in row_metrics.items()})
+    responses = _response_logps(logits, batch)
+    row_losses, row_metrics = loss_rows(responses, batch, loss, wrpo_alpha)
+    total = row_losses.sum()
+    if token_level:
+        units = responses["chosen"][1].sum().to(torch.int)
+        reported = {"loss": total.detach().clone(), UNITS: units, "token_accuracy": hits.sum()}
+    else:
+        units = torch.tensor(row_losses.shape[0], dtype=torch.int, device=logits.device)
+        reported = {"loss": total.detach().clone(), UNITS: units}
+        reported.update({name: value.detach().float().sum() for name, value in row_metrics.items()})
     reported.update({ROW_IDS: batch["row_ids"], ROW_LOSSES: row_losses.detach()})
-    return step_loss, reported
+    return total, units, reported
 
 
 def evaluation_rows(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
@@ -149,8 +159,8 @@ def _forward_step_with(loss_func: Callable, **loss_kwargs) -> Callable:
     return forward_step
 
 
-def training_forward_step(loss: LossConfig, *, wrpo_alpha: float, token_scale: float) -> Callable:
-    return _forward_step_with(training_loss, loss=loss, wrpo_alpha=wrpo_alpha, token_scale=token_scale)
+def training_forward_step(loss: LossConfig, *, wrpo_alpha: float) -> Callable:
+    return _forward_step_with(training_loss, loss=loss, wrpo_alpha=wrpo_alpha)
 
 
 def evaluation_forward_step(loss: LossConfig, *, wrpo_alpha: float) -> Callable:

@@ -467,7 +467,8 @@ def test_bad_rows_in_every_format_are_reported_by_file_row_and_field(tmp_path, t
     (tmp_path / "bad.json").write_text(json.dumps(rows + ["not a row"]))
     for path, where in [(tmp_path / "bad.parquet", f"{tmp_path / 'bad.parquet'} row"),
                         (tmp_path / "bad_saved", f"{tmp_path / 'bad_saved'} row"),
-                        (tmp_path / "bad_splits", f"{tmp_path / 'bad_splits'}[train] row")]:
+                        (tmp_path / "bad_splits", f"{tmp_path / 'bad_splits'}[train] row"),
+                        (arrow := next((tmp_path / "bad_saved").glob("*.arrow")), f"{arrow} row")]:
         with pytest.raises(DataError) as caught:
             load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
         assert caught.value.problems == [

@@ -7,7 +7,7 @@ import torch
 
 from infifpo_mcore.config import LossConfig, load_config
 from infifpo_mcore.losses import LossOptions, compute_loss
-from infifpo_mcore.train_step import loss_rows, micro_batch_loss
+from infifpo_mcore.train_step import loss_rows
 
 RESPONSES = {"chosen": (torch.tensor([-12.0, -30.0]), torch.tensor([4.0, 6.0])),
              "rejected": (torch.tensor([-15.0, -21.0]), torch.tensor([5.0, 3.0]))}
@@ -36,24 +36,11 @@ def test_every_option_a_loss_reads_is_a_config_key():
     assert read <= {field.name for field in dataclasses.fields(LossConfig)}
 
 
-def test_a_token_level_loss_has_the_gradient_of_the_global_token_mean_for_any_split():
-    """SFT's micro-batch loss with the trainer's token_scale (M x D / T), divided by M as Megatron's schedule does
-    and averaged over D as DDP does, has the gradient of sum(NLL) / T for every split of 8 rows of uneven lengths;
-    a mean of per-row or per-micro-batch token means would not."""
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([3.0, 9.0, 1.0, 4.0, 12.0, 2.0, 7.0, 5.0])
-    nll = (torch.rand(8, generator=generator, dtype=torch.float64) + 0.5) * lengths  # per-row token sums
-    tokens = lengths.sum().item()
-    want = torch.autograd.grad((nll.requires_grad_(True).sum() / tokens), nll)[0]
-    for data, micro_batches in ((1, 1), (1, 4), (2, 2), (4, 2), (2, 1)):
-        rows = nll.detach().clone().requires_grad_(True)
-        per_rank = rows.chunk(data)
-        scale = micro_batches * data / tokens
-        ranks = [sum(micro_batch_loss(part, token_level=True, token_scale=scale) / micro_batches
-                     for part in share.chunk(micro_batches)) for share in per_rank]
-        (got,) = torch.autograd.grad(sum(ranks) / data, rows)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
-    row_means = torch.autograd.grad((nll / lengths).mean(), nll)[0]
-    assert not torch.allclose(row_means, want)
-    # a preference loss: the mean over its micro-batch's rows
-    assert micro_batch_loss(torch.tensor([1.0, 3.0]), token_level=False, token_scale=123.0).item() == 2.0
+def test_sft_rows_lose_their_summed_response_nll_which_the_trainer_divides_by_the_response_tokens():
+    """SFT's per-row loss is the chosen response's NLL summed over its tokens (train_step's module docstring: the
+    micro-batch returns their sum with its response-token count, so Megatron's per-token loss gives the global token
+    mean); a preference loss's row loss does not depend on the response lengths that way."""
+    loss = load_config(overrides=["loss.type=sft"]).loss
+    row_losses, metrics = loss_rows({"chosen": RESPONSES["chosen"]}, {}, loss, wrpo_alpha=0.0)
+    torch.testing.assert_close(row_losses, torch.tensor([12.0, 30.0]))
+    torch.testing.assert_close(metrics["logps/chosen"], torch.tensor([-12.0, -30.0]))

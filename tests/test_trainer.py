@@ -387,8 +387,8 @@ def _assert_same_sft_losses(ours: list[dict], reference: list[dict]) -> None:
 
 
 def test_sft_trains_on_the_token_mean_of_the_global_batch(small_data, sft_step1, sft_tp1_run):
-    assert all({"loss", "token_accuracy", "logps/chosen", "grad_norm"} <= m.keys() for m in sft_tp1_run)
-    assert "rewards/accuracies" not in sft_tp1_run[0]
+    assert all({"loss", "token_accuracy", "grad_norm"} <= m.keys() for m in sft_tp1_run)
+    assert "rewards/accuracies" not in sft_tp1_run[0] and "logps/chosen" not in sft_tp1_run[0]
     assert sft_tp1_run[-1]["loss"] < sft_tp1_run[0]["loss"]  # the NLL goes down
     # eval/loss is the held-out NLL per response token: the dumped per-row sums over the dumped token counts
     rows = [json.loads(line) for line in (sft_step1 / "eval_rows" / "step_000001.jsonl").read_text().splitlines()]
@@ -407,12 +407,12 @@ def test_sft_at_tp2_pp2_equals_tp1(small_data, sft_step1, sft_tp1_run, tmp_path)
 def test_sft_gradient_is_the_global_token_mean_whatever_the_micro_batches_and_data_parallel_size(
     small_data, sft_step1, sft_tp1_run, tmp_path
 ):
-    """The rows' responses differ in length; DP 2 with one row per micro-batch gives TP 1's steps (two rows per
-    micro-batch): a mean of per-micro-batch or per-rank token means would not."""
+    """The rows' responses differ in length; DP 2 with one unpacked row per micro-batch gives TP 1's steps (packed
+    micro-batches of two rows): a mean of per-micro-batch or per-rank token means would not."""
     lengths = {json.loads(line)["chosen"][0]["content"].count(" ") for line in small_data.read_text().splitlines()}
     assert len(lengths) > 1
     metrics = _continue(small_data, sft_step1 / "ckpt", tmp_path, nproc=2, tensor=1, pipeline=1,
-                        extra=[*SFT, "train.micro_batch_size=1"])
+                        extra=[*SFT, "train.micro_batch_size=1", "data.packing=false"])
     _assert_same_sft_losses(metrics, sft_tp1_run)
 
 
@@ -449,3 +449,72 @@ def test_a_preference_run_from_an_sft_checkpoint_starts_at_step_0_with_it_as_the
 
     torch.testing.assert_close(scores["eval/chosen_logps"], dumped(1), rtol=1e-5, atol=1e-4)
     assert (scores["eval/chosen_logps"] - dumped(0)).abs().max() > 0.1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Packed micro-batches (data.packing, data.share_prompt) train exactly as padded ones
+PACKING = {"unpacked": ["data.packing=false"], "packed": ["data.packing=true", "data.share_prompt=false"],
+           "shared": ["data.packing=true", "data.share_prompt=true"]}
+# 8 pairs per step in micro-batches of 2 (unpacked) or of 512 tokens (packed: 1 to 4 pairs each, varying per rank)
+PACKED_BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2"]
+_EXPLANATION = "because the numbers given in the question add up to this and no other choice fits them".split()
+
+
+@pytest.fixture(scope="module")
+def varied_data(small_data, tmp_path_factory) -> Path:
+    """The small rows (train and eval.jsonl) whose responses add 0 to 60 words of explanation after the answer:
+    prompts of 17 to 119 tokens and responses of a few to about a hundred (some cut to model.seq_length, as
+    unpacked)."""
+    directory = tmp_path_factory.mktemp("varied")
+    for name, source in (("prefs.jsonl", small_data), ("eval.jsonl", small_data.with_name("eval.jsonl"))):
+        rows = [json.loads(line) for line in source.read_text().splitlines()]
+        for index, row in enumerate(rows):
+            for offset, side in enumerate(("chosen", "rejected")):
+                words = (_EXPLANATION * 4)[:(index * 7 + offset * 13) % 61]
+                row[side][0]["content"] += (" " + " ".join(words)) if words else ""
+        (directory / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory / "prefs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def varied_step1_checkpoint(varied_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("varied_step1")
+    run_training(nproc=1, overrides=_overrides(varied_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
+                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
+                                               *PACKED_BATCH, *PACKING["unpacked"]))
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def varied_unpacked_tp1(varied_data, varied_step1_checkpoint, tmp_path_factory) -> list[dict]:
+    return _continue(varied_data, varied_step1_checkpoint, tmp_path_factory.mktemp("varied_tp1"), nproc=1, tensor=1,
+                     pipeline=1, extra=[*PACKED_BATCH, *PACKING["unpacked"]])
+
+
+def _assert_packed_equals_unpacked(got: list[dict], want: list[dict]) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(2, STEPS + 1))
+    for packed, unpacked in zip(got, want):
+        keys = [key for key in unpacked if key.startswith(("loss", "grad_norm", "rewards/", "logps/", "eval/"))]
+        assert len(keys) >= 8 and set(keys) <= packed.keys()
+        for key in keys:
+            assert packed[key] == pytest.approx(unpacked[key], rel=1e-5, abs=1e-5), (unpacked["step"], key)
+
+
+@pytest.mark.parametrize("mode", ["packed", "shared"])
+def test_packed_micro_batches_train_as_unpacked_at_tp1(mode, varied_data, varied_step1_checkpoint,
+                                                       varied_unpacked_tp1, tmp_path):
+    result_dir = tmp_path / mode
+    metrics = _continue(varied_data, varied_step1_checkpoint, result_dir, nproc=1, tensor=1, pipeline=1,
+                        extra=[*PACKED_BATCH, *PACKING[mode]])
+    _assert_packed_equals_unpacked(metrics, varied_unpacked_tp1)
+    # fewer tokens computed: the throughput counts real tokens, the same pairs but the prompt once when shared
+    assert all(m["tokens_per_sec"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("mode", ["packed", "shared"])
+def test_packed_micro_batches_at_tp2_pp2_dp2_train_as_unpacked_at_tp1(mode, varied_data, varied_step1_checkpoint,
+                                                                      varied_unpacked_tp1, tmp_path):
+    """8 ranks: the data-parallel ranks' pairs pack into different numbers of micro-batches, agreed per step."""
+    metrics = _continue(varied_data, varied_step1_checkpoint, tmp_path, nproc=8, tensor=2, pipeline=2,
+                        extra=[*PACKED_BATCH, *PACKING[mode]])
+    _assert_packed_equals_unpacked(metrics, varied_unpacked_tp1)
