@@ -553,6 +553,24 @@ def test_infifpo_ipo_is_ipo_when_the_fused_reference_is_the_pivot_init():
     torch.testing.assert_close(fused, ipo, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("fusion", ["mean", "confidence"])
+def test_infifpo_ipo_gradient_pulls_the_margin_to_its_target_from_both_sides(fusion):
+    """L = (h - 1/(2 tau))^2: dL/ds_pi(y_w) = 2 (h - 1/(2 tau)) (summed scores), negative below the target (descent
+    raises the chosen), positive above it (descent lowers it), unlike a sigmoid loss, whose push never changes sign."""
+    logps = to_logps(random_rows(seed=32))
+    policy_chosen = logps["policy_chosen_logps"].clone().requires_grad_(True)
+    logps["policy_chosen_logps"] = policy_chosen
+    beta, tau = 0.4, 0.05  # target 1 / (2 tau) = 10: the random rows' margins fall on both sides of it
+    loss, metrics = compute_loss(loss_type="infifpo_ipo", logps=logps, beta=beta, length_norm=False, clip=False,
+                                 fusion=fusion, include_pivot_init=False, ipo_tau=tau)
+    loss.sum().backward()
+    h = metrics["rewards/margins"] / beta
+    torch.testing.assert_close(policy_chosen.grad, 2 * (h - 1 / (2 * tau)))
+    below = h < 1 / (2 * tau)
+    assert below.any() and (~below).any()
+    assert (policy_chosen.grad[below] < 0).all() and (policy_chosen.grad[~below] > 0).all()
+
+
 def test_confidence_fusion_weighs_the_source_surer_of_the_chosen_response_more():
     # Two sources, per token: A -0.5 on y_w (surer), B -2.5; gammas e^-0.5 / (e^-0.5 + e^-2.5) = 0.8808, 0.1192.
     logps = {name: torch.tensor(value, dtype=torch.float64) for name, value in {
