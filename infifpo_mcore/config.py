@@ -24,9 +24,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from infifpo_mcore.refusals import Refusal
 
-class ConfigError(ValueError):
+
+class ConfigError(Refusal, ValueError):
     """Invalid configuration; `problems` holds one line per problem, naming the dotted key where there is one."""
+
+    label = "config error"
 
     def __init__(self, problems: str | Sequence[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -432,12 +436,13 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
     if cfg.sources.num_ranks and not cfg.sources.models:
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): no sources.models to run on those ranks")
-    from infifpo_mcore.losses import LOSSES  # here: loading a config should not pay for importing torch elsewhere
+    if cfg.sources.num_ranks:
+        from infifpo_mcore.losses import LOSSES  # here, and only then: checking a config should not import torch
 
-    if cfg.sources.num_ranks and not LOSSES[cfg.loss.type].uses_sources:
-        users = " | ".join(name for name, spec in LOSSES.items() if spec.uses_sources)
-        problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "
-                        f"scores; use 0, or loss.type {users}")
+        if not LOSSES[cfg.loss.type].uses_sources:
+            users = " | ".join(name for name, spec in LOSSES.items() if spec.uses_sources)
+            problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "
+                            f"scores; use 0, or loss.type {users}")
     if cfg.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
         problems.append("logging.wandb_project: set, but wandb is not installed (pip install wandb, or null)")
     names = [source.name for source in cfg.sources.models]

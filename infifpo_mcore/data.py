@@ -34,6 +34,7 @@ from typing import Callable, NotRequired, Required, TypedDict
 
 import torch
 
+from infifpo_mcore.refusals import Refusal
 from infifpo_mcore.tokenization import ChatTokenizer, Message, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ RESPONSES = ("chosen", "rejected", CHOSEN_PIVOT)
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(Refusal, ValueError):
     """Invalid preference data; ``problems`` lists every ``file:line field: problem``."""
+
+    label = "data error"
 
     def __init__(self, problems: list[str]):
         self.problems = problems
