@@ -324,8 +324,8 @@ class Trainer:
         saves = ("no checkpoints (checkpoint.save is null)" if not cfg.checkpoint.save else
                  f"checkpoints every {cfg.checkpoint.save_interval} steps and at the end to {cfg.checkpoint.save}"
                  if cfg.checkpoint.save_interval else f"a checkpoint at the end to {cfg.checkpoint.save}")
-        logger.info("training steps %d-%d of %d: %d pairs per step (%d micro-batch(es) of %d per data-parallel "
-                    "rank, %d rank(s)); %s; %s; metrics to %s", first, cfg.train.steps, cfg.train.steps,
+        logger.info("training steps %d-%d of %d: %d pairs per step (%d micro-batch(es) of %d on each of %d "
+                    "data-parallel rank(s)); %s; %s; metrics to %s", first, cfg.train.steps, cfg.train.steps,
                     cfg.train.global_batch_size, self.micro_batches, cfg.train.micro_batch_size, self.ctx.data,
                     evaluation, saves, self.run_dir / "metrics.jsonl")
 

@@ -20,6 +20,8 @@ Megatron-Core is imported; a problem is said once, by rank 0, and ends every pro
 process exits 0.
 """
 
+from __future__ import annotations
+
 import argparse
 import gc
 import logging
@@ -28,6 +30,11 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from infifpo_mcore.preflight import RunInputs, RunPlan
+    from infifpo_mcore.refusals import Refusal
 
 # Megatron-Core warns at import, on every rank, that it falls back from Apex/TE kernels; the trainer says what
 # matters (no FP8 without TE) once, itself.
@@ -99,7 +106,7 @@ def main() -> int:
     return record(_train)(plan, inputs, rank=rank, resume_command=command)
 
 
-def _train(plan, inputs, *, rank: int, resume_command: str) -> int:
+def _train(plan: RunPlan, inputs: RunInputs, *, rank: int, resume_command: str) -> int:
     from infifpo_mcore.refusals import Refusal
     from infifpo_mcore.trainer import train
 
@@ -110,7 +117,7 @@ def _train(plan, inputs, *, rank: int, resume_command: str) -> int:
     return 0
 
 
-def _refuse(refusal, *, rank: int) -> int:
+def _refuse(refusal: Refusal, *, rank: int) -> int:
     """Every rank finds the same problem (the same checks of the same files, or an agreed step of the loop): rank 0
     says it, without a traceback, and exits with its code. The other ranks exit 0: torchrun stops every process as
     soon as one fails, and would stop rank 0 before it has spoken."""
