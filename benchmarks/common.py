@@ -63,6 +63,9 @@ SHAPES = {
     # CPU proof runs: seconds per step on 2 cores
     "tiny": ModelShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
                        vocab_size=32000),
+    # CPU, where per-token compute rather than the vocabulary's fixed costs should dominate: about a second per step
+    "small": ModelShape(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=704,
+                        vocab_size=32000),
     # HuggingFaceTB/SmolLM2-135M
     "smollm2-135m": ModelShape(num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
                                ffn_hidden_size=1536, vocab_size=49152),

@@ -48,8 +48,16 @@ class Normalization(StrEnum):
 
 
 class Activation(StrEnum):
-    swiglu = "swiglu"
-    gelu = "gelu"
+    swiglu = "swiglu"  # gated: silu(gate) * up
+    gelu = "gelu"  # not gated
+    geglu_tanh = "geglu_tanh"  # gated: gelu(gate, tanh approximation) * up (Gemma's gelu_pytorch_tanh)
+
+
+class RopeScaling(StrEnum):
+    """How RoPE's frequencies are stretched for contexts longer than the base was trained on (HF rope_scaling)."""
+    none = "none"
+    linear = "linear"  # every frequency / factor
+    llama3 = "llama3"  # Llama 3.1: low frequencies / factor, high ones kept, a smooth blend between
 
 
 class TokenizerType(StrEnum):
@@ -96,7 +104,8 @@ class Precision(StrEnum):
 
 @dataclass
 class ModelConfig:
-    """Shape of the pivot (Llama-style decoder)."""
+    """Shape of the pivot: a Llama-style decoder, with the variations of the families checkpoints_tools converts
+    (head size, q/k norms, RoPE scaling, sliding windows, Gemma 3's layer)."""
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
@@ -112,9 +121,39 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     add_qkv_bias: bool = False  # a bias on the query/key/value projection only (Qwen2)
     norm_epsilon: float = 1e-5
-    # The longest sequence the weights handle exactly (a converted model's position limit, lowered to its sliding
-    # window when that is shorter); None: no limit known. model.seq_length must not exceed it.
+    # The longest sequence the weights were trained for (a converted model's max_position_embeddings); None: no
+    # limit known. model.seq_length must not exceed it.
     max_position_embeddings: int | None = None
+    # The size of each attention head; None: hidden_size / num_attention_heads (Mistral-Nemo, Qwen3, Gemma 3 differ)
+    kv_channels: int | None = None
+    qk_layernorm: bool = False  # an RMSNorm on every query and key head before RoPE (Qwen3, Gemma 3)
+    softmax_scale: float | None = None  # of the attention scores; None: 1 / sqrt(kv_channels)
+    rope_scaling: RopeScaling = RopeScaling.none
+    rope_scaling_factor: float = 1.0  # linear, llama3
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are divided by the factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
+    rope_original_max_position_embeddings: int | None = None  # llama3: the context the rotary base was trained for
+    # Sliding-window attention: a query sees the last sliding_window tokens (itself included), in every layer or in
+    # those window_layers marks true (one entry per layer; the others attend to the whole sequence).
+    sliding_window: int | None = None
+    window_layers: list[bool] | None = None
+    local_rotary_base: float | None = None  # RoPE base of the sliding-window layers (Gemma 3); None: rotary_base
+    # Gemma's layer
+    scale_embeddings: bool = False  # the embedding output multiplied by sqrt(hidden_size)
+    zero_centered_norms: bool = False  # every RMSNorm scales by (1 + weight) (Megatron's layernorm_zero_centered_gamma)
+    post_norms: bool = False  # an RMSNorm on the attention and MLP outputs, before each residual add
+
+
+def head_dim(model: ModelConfig) -> int:
+    """The size of one attention head: ``kv_channels``, or hidden_size / num_attention_heads."""
+    return model.kv_channels or model.hidden_size // model.num_attention_heads
+
+
+
+def needs_own_layer(model: ModelConfig) -> bool:
+    """Whether the pivot needs the layer of ``layer_spec.own_block_spec`` (Gemma's: (1 + w) norms, post-norms, a RoPE
+    base per layer kind), built from Megatron-Core's local modules on every device, rather than Megatron's GPT spec."""
+    return model.zero_centered_norms or model.post_norms or model.local_rotary_base is not None
 
 
 @dataclass
@@ -168,6 +207,9 @@ class SourcesConfig:
     output: str | None = None  # the scored dataset launch/score_sources.py writes (or its --out)
     chunk_rows: int = 64  # rows scored between two appends to the score cache: what an interruption can lose
     batch_tokens: int = 4096  # padded tokens per source forward pass
+    # Score a row's chosen and rejected in one sequence, the prompt computed once, where that is exact (attention that
+    # takes a custom mask, sequences within any sliding window, an unsharded source); false: two sequences per row
+    share_prompt: bool = True
     # FP8 sources: rows scored also in bf16 at start, to report the mean / max |delta log-prob| per token (0: off)
     precision_check_rows: int = 16
     # Online: how long the last stage waits for a batch's scores (the first includes loading the source models)
@@ -194,6 +236,16 @@ class DataConfig:
     max_prompt_length: int | None = None  # None: prompts are only limited by model.seq_length
     shuffle: bool = True
     skip_invalid_rows: bool = False  # false: any invalid row stops the run at start; true: skipped, counted, listed
+    # Padding-free micro-batches (packing.py): whole pairs packed into one row of pack_tokens tokens, attention and
+    # positions per sequence. null: on where the layer spec's attention runs it (the local spec: CPU, GPUs without
+    # Transformer Engine, Gemma 3), off on Transformer Engine's (its THD path is not verified yet; true uses it)
+    packing: bool | None = None
+    # Tokens per packed micro-batch; null: train.micro_batch_size x responses per pair x model.seq_length (the
+    # unpacked micro-batch's size). At least responses per pair x model.seq_length, so every pair fits.
+    pack_tokens: int | None = None
+    # Packed pairs hold their prompt once, each response seeing it and itself but not the other response(s);
+    # null: wherever packing is on, but on Transformer Engine (refused there)
+    share_prompt: bool | None = None
 
 
 @dataclass
@@ -388,9 +440,12 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     positive = ["model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
                 "model.ffn_hidden_size", "model.vocab_size", "model.seq_length", "model.make_vocab_size_divisible_by",
                 "model.rotary_base", "model.init_method_std", "model.norm_epsilon", "model.max_position_embeddings",
+                "model.kv_channels", "model.softmax_scale", "model.rope_scaling_factor", "model.rope_low_freq_factor",
+                "model.rope_high_freq_factor", "model.rope_original_max_position_embeddings", "model.sliding_window",
+                "model.local_rotary_base",
                 "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "train.eval_interval",
                 "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta", "loss.ipo_tau",
-                "data.max_prompt_length", "train.micro_batch_size",
+                "data.max_prompt_length", "data.pack_tokens", "train.micro_batch_size",
                 "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval",
                 "checkpoint.keep_last", "train.max_consecutive_bad_steps", "parallel.timeout_minutes",
                 "parallel.ddp_bucket_size"]
@@ -416,8 +471,10 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         if denominator is not None and numerator > 0 and denominator > 0 and numerator % denominator:
             problems.append(f"{numerator_key} ({numerator}) must be divisible by {denominator_key} ({denominator})")
 
-    divisible("model.hidden_size", "model.num_attention_heads")
+    if cfg.model.kv_channels is None:  # the head size is hidden_size / num_attention_heads
+        divisible("model.hidden_size", "model.num_attention_heads")
     divisible("model.num_attention_heads", "model.num_query_groups")
+    problems += _model_problems(cfg.model, fp8=cfg.train.precision == Precision.fp8)
     divisible("train.global_batch_size", "train.micro_batch_size")
     train = cfg.train
     if train.warmup_steps >= train.steps > 0:  # Megatron's scheduler needs warmup < decay steps
@@ -428,6 +485,17 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     if max_prompt is not None and max_prompt >= cfg.model.seq_length:
         problems.append(f"data.max_prompt_length ({max_prompt}) must be < model.seq_length "
                         f"({cfg.model.seq_length}) to leave room for the response")
+    if cfg.data.share_prompt and cfg.data.packing is False:
+        problems.append("data.share_prompt: true needs packed micro-batches; set data.packing true or null")
+    if cfg.data.pack_tokens is not None and cfg.data.pack_tokens > 0:
+        from infifpo_mcore.losses import LOSSES  # here, and only then: checking a config should not import torch
+
+        responses = len(LOSSES[cfg.loss.type].responses)
+        if cfg.data.pack_tokens < responses * cfg.model.seq_length:
+            problems.append(f"data.pack_tokens ({cfg.data.pack_tokens}) must be >= "
+                            f"{responses * cfg.model.seq_length}, the {responses} sequences of model.seq_length "
+                            f"({cfg.model.seq_length}) a pair of loss.type={cfg.loss.type} may take, so that every "
+                            "pair fits a micro-batch")
     if train.precision == Precision.fp8:  # TE's FP8 GEMMs want every dimension a multiple of 16
         for key in ("model.seq_length", "model.hidden_size", "model.ffn_hidden_size"):
             if get(key) % 16:
@@ -458,6 +526,34 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         if source.tensor_parallel and source.precision == Precision.fp8:
             problems.append(f"sources.models[{index}].tensor_parallel: FP8 sources (Transformer Engine layers) are "
                             "not sharded; use precision bf16 or tensor_parallel false")
+    return problems
+
+
+def _model_problems(model: ModelConfig, *, fp8: bool) -> list[str]:
+    """Combinations of model.* keys the pivot cannot build."""
+    problems = []
+    if model.rope_scaling == RopeScaling.llama3:
+        if model.rope_original_max_position_embeddings is None:
+            problems.append("model.rope_original_max_position_embeddings: rope_scaling llama3 needs it (the context "
+                            "the rotary base was trained for)")
+        if model.rope_high_freq_factor <= model.rope_low_freq_factor:
+            problems.append(f"model.rope_high_freq_factor ({model.rope_high_freq_factor}) must be > "
+                            f"model.rope_low_freq_factor ({model.rope_low_freq_factor})")
+    if model.window_layers is not None:
+        if model.sliding_window is None:
+            problems.append("model.window_layers: set, but model.sliding_window (the window) is null")
+        if len(model.window_layers) != model.num_layers:
+            problems.append(f"model.window_layers: {len(model.window_layers)} entries for model.num_layers "
+                            f"{model.num_layers} (one per layer)")
+    if model.local_rotary_base is not None and model.sliding_window is None:
+        problems.append("model.local_rotary_base: set, but there are no sliding-window layers (model.sliding_window)")
+    own_layer = [key for key in ("zero_centered_norms", "post_norms", "local_rotary_base")
+                 if getattr(model, key) not in (None, False)]
+    if own_layer and model.normalization != Normalization.RMSNorm:
+        problems.append(f"model.{own_layer[0]}: needs model.normalization RMSNorm, got {model.normalization}")
+    if fp8 and own_layer:
+        problems.append(f"model.{own_layer[0]}: this layer is built from Megatron-Core's local modules, which have no "
+                        "FP8 (train.precision fp8); use bf16")
     return problems
 
 

@@ -87,6 +87,10 @@ class PreferenceBatch(TypedDict, total=False):
     loss_mask: Required[torch.Tensor]     # [G*B, S] float32, 1 where labels[:, t] is a response token
     position_ids: Required[torch.Tensor]  # [G*B, S] int64
     row_ids: Required[torch.Tensor]       # [B] int64, dataset indices
+    # Packed micro-batches (packing.collate_packed: the keys above are [1, L] there) also carry these
+    response_slots: torch.Tensor          # [1, L] int64, the sequence g*B + b of each response label, -1 elsewhere
+    branches: torch.Tensor                # [1, L] int64, 0: shared part / whole sequence, k: response branch k
+    documents: torch.Tensor               # [D + 1] int32, cu_seqlens of the attention documents
     # The rows' reference scores under references' key schema (losses.PreferenceLogps names, [B] or [B, N]),
     # joined by ``references.References.join`` on the last pipeline stage, the only one that computes the loss
     reference: dict[str, torch.Tensor]
@@ -447,6 +451,9 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
     for row in rows:
         try:
             prompt_ids = tokenizer.encode_prompt(row.prompt)
+            # a jinja template renders each response after the prompt (tokenization.py), and may refuse it
+            chosen_ids, rejected_ids = (tokenizer.encode_response(text, prompt=row.prompt)
+                                        for text in (row.chosen, row.rejected))
         except TokenizerError as error:
             problems.add(row.line, "prompt", str(error))
             continue
@@ -454,7 +461,6 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
             problems.add(row.line, "prompt", f"{len(prompt_ids)} tokens leave no room for the response in "
                          f"model.seq_length={seq_length} (data.max_prompt_length cuts prompts from the left)")
             continue
-        chosen_ids, rejected_ids = tokenizer.encode_response(row.chosen), tokenizer.encode_response(row.rejected)
         *ids, truncated = truncate_example(
             prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, seq_length=seq_length,
             max_prompt_length=max_prompt_length, bos_id=tokenizer.bos_id)
@@ -465,7 +471,7 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
         full = {"chosen": len(chosen_ids), "rejected": len(rejected_ids)}
         chosen_pivot_ids = None
         if chosen_pivot:
-            whole_pivot = tokenizer.encode_response(row.chosen_pivot)
+            whole_pivot = tokenizer.encode_response(row.chosen_pivot, prompt=row.prompt)
             chosen_pivot_ids = whole_pivot[:seq_length - len(ids[0])]  # the room truncate_example left the responses
             full[CHOSEN_PIVOT] = len(whole_pivot)
             truncated = truncated or len(chosen_pivot_ids) < len(whole_pivot)

@@ -229,28 +229,29 @@ class Throughput:
 
 
 def gpt_flops_per_token(*, num_layers: int, hidden_size: int, ffn_hidden_size: int, num_attention_heads: int,
-                        num_query_groups: int, vocab_size: int, seq_length: int, swiglu: bool) -> float:
-    """Training FLOPs (forward + backward) per token of a GPT decoder, the usual ``6 N + 12 L s h`` count.
+                        num_query_groups: int, vocab_size: int, seq_length: int, swiglu: bool,
+                        head_dim: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token of a GPT decoder, the usual ``6 N + 12 L s a d`` count.
 
-    With L layers, hidden h, FFN width f, a heads, g query groups (GQA), vocab V, sequence length s, and
-    kv = h * g / a (the width of K and of V), the matmul parameters a token goes through are
+    With L layers, hidden h, FFN width f, a heads of size d (``head_dim``, by default h / a), g query groups (GQA),
+    vocab V and sequence length s, the matmul parameters a token goes through are
 
-        N = L * (h * (h + 2 kv)        QKV projection
-                 + h * h               attention output projection
-                 + m * h * f)          MLP: m = 3 with SwiGLU (gate, up, down), m = 2 otherwise
+        N = L * (h * (a + 2 g) * d     QKV projection
+                 + a * d * h           attention output projection
+                 + m * h * f)          MLP: m = 3 when gated (SwiGLU, GeGLU: gate, up, down), m = 2 otherwise
             + h * V                    output logits (counted even when tied to the embedding)
 
     A matmul costs 2 FLOPs per parameter per token forward and twice that backward, hence 6 N. Attention
-    adds, per layer and token, QK^T (2 s h) and scores x V (2 s h) forward, x3 for fwd+bwd: 12 L s h.
-    This is the full s x s count (Megatron/PaLM convention), not halved for the causal mask, and it ignores
-    norms, activations, softmax and the embedding lookup.
+    adds, per layer and token, QK^T (2 s a d) and scores x V (2 s a d) forward, x3 for fwd+bwd: 12 L s a d
+    (= 12 L s h when d = h / a). This is the full s x s count (Megatron/PaLM convention), not halved for the causal
+    mask nor shortened by a sliding window, and it ignores norms, activations, softmax and the embedding lookup.
     """
-    kv_width = hidden_size * num_query_groups / num_attention_heads
+    d = head_dim or hidden_size // num_attention_heads
     mlp_matrices = 3 if swiglu else 2
-    per_layer_params = (hidden_size * (hidden_size + 2 * kv_width) + hidden_size * hidden_size
-                        + mlp_matrices * hidden_size * ffn_hidden_size)
+    per_layer_params = (hidden_size * (num_attention_heads + 2 * num_query_groups) * d
+                        + num_attention_heads * d * hidden_size + mlp_matrices * hidden_size * ffn_hidden_size)
     matmul_params = num_layers * per_layer_params + hidden_size * vocab_size
-    attention_flops = 12 * num_layers * seq_length * hidden_size
+    attention_flops = 12 * num_layers * seq_length * num_attention_heads * d
     return 6 * matmul_params + attention_flops
 
 
@@ -260,7 +261,8 @@ def flops_budget(*, model, vocab_size: int, world_size: int) -> tuple[float, flo
     flops_per_token = gpt_flops_per_token(
         num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
-        vocab_size=vocab_size, seq_length=model.seq_length, swiglu=str(model.activation) == "swiglu",
+        vocab_size=vocab_size, seq_length=model.seq_length, head_dim=model.kv_channels,
+        swiglu=str(model.activation) in ("swiglu", "geglu_tanh"),  # gated: three MLP matrices
     )
     if not torch.cuda.is_available():
         return flops_per_token, None

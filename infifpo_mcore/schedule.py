@@ -3,7 +3,8 @@ passes over a whole split in chunks (pivot-init scoring, evaluation), and what t
 brought to the ranks that need it.
 
 Schedule contract: ``forward_step(data_iterator, model) -> (output, loss_func)`` (``train_step``); the pipeline's
-p2p shapes come from the micro-batches themselves (``[sequences, seq_length]`` tokens, one shape per call).
+p2p shapes come from the micro-batches themselves (``[sequences, seq_length]`` tokens, or ``[1, length]`` packed,
+one shape per call).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from infifpo_mcore.data import PreferenceBatch
 from infifpo_mcore.parallel import ParallelContext
-from infifpo_mcore.train_step import PER_ROW_KEYS
+from infifpo_mcore.train_step import PAIRS, PER_ROW_KEYS
 
 
 def run_schedule(*, model_chunks, forward_step: Callable, batches: list[PreferenceBatch],
@@ -31,35 +32,34 @@ def run_schedule(*, model_chunks, forward_step: Callable, batches: list[Preferen
         model=model_chunks[0],
         num_microbatches=len(batches),
         seq_length=seq_length,
-        micro_batch_size=sequences,  # Megatron's micro-batch is our sequences: rows x responses per row
+        micro_batch_size=sequences,  # Megatron's micro-batch is our sequences: rows x responses per row, or 1 row packed
         decoder_seq_length=seq_length,
         forward_only=forward_only,
     )
 
 
 def forward_only_rows(*, model_chunks, forward_step: Callable, num_rows: int,
-                      batch_of: Callable[[list[int]], PreferenceBatch], micro_batch_size: int,
-                      micro_batches_per_pass: int, ctx: ParallelContext) -> dict[str, torch.Tensor] | None:
+                      micro_batches_of: Callable[[list[int]], list[PreferenceBatch]], rows_per_pass: int,
+                      row_multiple: int, ctx: ParallelContext) -> dict[str, torch.Tensor] | None:
     """Every row ``0 .. num_rows-1`` once through the pipeline, forward-only; the per-row outputs (each ``[B]``,
     with ``row_ids``) gathered on the last stage into ``{name: [num_rows]}`` in row order. Other stages: None.
 
-    Rows are dealt round-robin over data-parallel ranks, each share padded to whole micro-batches by repeating its
-    last row (duplicates give the same value). The schedule runs ``micro_batches_per_pass`` micro-batches at a time
-    (a training step's worth), so a split of any size needs the memory of one pass.
+    Rows are dealt round-robin over data-parallel ranks, each share padded by repeating its last row to the same
+    length on every rank, a multiple of ``row_multiple`` (whole unpacked micro-batches; duplicates give the same
+    value). The schedule runs ``rows_per_pass`` rows at a time (a training step's worth, ``micro_batches_of``
+    splitting them as a step's), so a split of any size needs the memory of one pass.
     """
     size, rank = ctx.data, ctx.data_rank
-    per_rank = math.ceil(math.ceil(num_rows / size) / micro_batch_size) * micro_batch_size
+    per_rank = math.ceil(math.ceil(num_rows / size) / row_multiple) * row_multiple
     mine = list(range(rank, num_rows, size)) or [0]
     mine += [mine[-1]] * (per_rank - len(mine))
-    rows_per_pass = micro_batches_per_pass * micro_batch_size
     table: dict[str, torch.Tensor] | None = None
     for chunk in model_chunks:
         chunk.eval()
     try:
         with torch.no_grad():
             for start in range(0, per_rank, rows_per_pass):
-                share = mine[start:start + rows_per_pass]
-                batches = [batch_of(share[i:i + micro_batch_size]) for i in range(0, len(share), micro_batch_size)]
+                batches = micro_batches_of(mine[start:start + rows_per_pass])
                 outputs = run_schedule(model_chunks=model_chunks, forward_step=forward_step, batches=batches,
                                        forward_only=True)
                 if ctx.is_last_stage:
@@ -108,12 +108,14 @@ def max_over_training_ranks(values: torch.Tensor) -> None:
 
 
 def mean_metrics(outputs: list[dict], *, ctx: ParallelContext) -> dict[str, float]:
-    """A step's metrics on every rank: on the last stage the mean over its micro-batches (each already a mean over
-    its rows), then over data-parallel ranks; then sent down the pipeline."""
+    """A step's metrics on every rank, per-pair means over the global batch: on the last stage each metric's sum over
+    its micro-batches (each a sum over its pairs) and the pair count, summed over data-parallel ranks, divided; then
+    sent down the pipeline."""
     metrics = None
     if ctx.is_last_stage:
-        names = sorted(name for name in outputs[0] if name not in PER_ROW_KEYS)
-        local = torch.stack([torch.stack([out[name].float() for out in outputs]).mean() for name in names])
+        names = sorted(name for name in outputs[0] if name not in (*PER_ROW_KEYS, PAIRS))
+        sums = [torch.stack([out[name].double() for out in outputs]).sum() for name in names]
+        local = torch.stack([*sums, torch.stack([out[PAIRS].double() for out in outputs]).sum()])
         dist.all_reduce(local, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
-        metrics = dict(zip(names, (local / ctx.data).tolist()))
+        metrics = dict(zip(names, (local[:-1] / local[-1]).tolist()))
     return from_last_stage(metrics)

@@ -309,7 +309,8 @@ def serve_sources(cfg: InfiFPOConfig, *, job: JobLayout, train_data: PreferenceD
     with tempfile.TemporaryDirectory() as workdir:
         for index, replica, replicas in placement:
             prepared = prepare_source(cfg.sources.models[index], device=job.device, workdir=Path(workdir) / str(index))
-            scorer = build_scorer(prepared, device=job.device, batch_tokens=cfg.sources.batch_tokens)
+            scorer = build_scorer(prepared, device=job.device, batch_tokens=cfg.sources.batch_tokens,
+                                  share_prompt=cfg.sources.share_prompt)
             held.append(_HeldSource(index=index, replica=replica, replicas=replicas, scorer=scorer,
                                     writes=group_rank == 0 or not sharded[index]))
             if replica == 0 and held[-1].writes:  # once per source (an FP8 one: its |delta log-prob| vs bf16)

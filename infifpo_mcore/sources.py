@@ -48,6 +48,7 @@ from infifpo_mcore.atomic_files import write_atomically
 from infifpo_mcore.checkpoint_layout import LATEST
 from infifpo_mcore.config import ConfigError, InfiFPOConfig, SourceConfig, resolve_precision
 from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows, row_key
+from infifpo_mcore.packing import shared_prompt_rows
 from infifpo_mcore.parallel import local_device, standalone_job
 from infifpo_mcore.pivot_card import CARD_FILE
 from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError, build_tokenizer, resolve_path
@@ -290,23 +291,43 @@ class SourceScorer:
     def __init__(self, *, name: str, model: torch.nn.Module, tokenizer: ChatTokenizer, device: torch.device,
                  batch_tokens: int, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  reference_autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 length_multiple: int = 1):
+                 length_multiple: int = 1, share_prompt: bool = True):
         """``autocast``: the context every forward runs in (FP8: TE's ``fp8_autocast``); ``reference_autocast``: the
-        higher precision ``precision_check`` compares it with; ``length_multiple``: batches padded to it."""
+        higher precision ``precision_check`` compares it with; ``length_multiple``: batches padded to it;
+        ``share_prompt``: score a row's two responses in one sequence where that is exact (``shares_prompt``)."""
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.device, self.batch_tokens, self.length_multiple = device, batch_tokens, length_multiple
         self.autocast, self.reference_autocast = autocast, reference_autocast
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         # logits_to_keep computes the output head only at the last positions (transformers >= 4.50 causal LMs)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.share_prompt = share_prompt
+
+    def shares_prompt(self, pairs: list[tuple[list[int], list[int], list[int]]]) -> bool:
+        """Whether these (prompt, chosen, rejected) pairs are scored with their prompt shared: the row ``[prompt,
+        chosen, last prompt token, rejected]`` under a custom 4D mask (``packing.shared_prompt_rows``), each response
+        seeing the prompt and itself, gives each response the log-probs of its own sequence. Needs attention that
+        takes such a mask (transformers' sdpa or eager) and, for a model with sliding windows, sequences no longer
+        than the window (a custom mask replaces the model's own window)."""
+        config = self.model.config
+        if not self.share_prompt or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return False
+        window = getattr(config, "sliding_window", None)
+        if window is None or getattr(config, "use_sliding_window", True) is False:
+            return True
+        return all(len(prompt) + max(len(chosen), len(rejected)) <= window for prompt, chosen, rejected in pairs)
 
     def score(self, rows: Sequence[PreferenceRow]) -> list[RowScores]:
         """Per row (in order): chosen and rejected log-prob sums and their token counts under this source.
 
-        The 2 x len(rows) sequences are sorted by length (longest first, ties in row order) and cut into batches of
-        at most ``batch_tokens`` padded tokens, so the result depends only on ``rows``.
+        The 2 x len(rows) sequences (or, with a shared prompt, the len(rows) shared rows) are sorted by length
+        (longest first, ties in row order) and cut into batches of at most ``batch_tokens`` padded tokens, so the
+        result depends only on ``rows``.
         """
-        sequences = self.encode(rows)
+        pairs = self.encode_pairs(rows)
+        if self.shares_prompt(pairs):
+            return self._score_shared(pairs)
+        sequences = self._sequences(pairs)
         sums = [0.0] * len(sequences)
         for indices in self.batches(sequences):
             batch_sums = self._response_logps([sequences[index] for index in indices])
@@ -338,21 +359,59 @@ class SourceScorer:
         return [[order[position] for position in batch]
                 for batch in length_batches(lengths=lengths, batch_tokens=self.batch_tokens)]
 
-    def encode(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], int]]:
-        """(prompt + response ids, response length) of each row's chosen, then rejected response, in row order."""
-        sequences: list[tuple[list[int], int]] = []
+    def encode_pairs(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], list[int], list[int]]]:
+        """(prompt, chosen, rejected) ids of each row in this source's tokens, in row order."""
+        pairs = []
         for row in rows:
             try:
                 prompt = self.tokenizer.encode_prompt(row.prompt)
+                responses = [self.tokenizer.encode_response(text, prompt=row.prompt)
+                             for text in (row.chosen, row.rejected)]
             except TokenizerError as error:  # e.g. a template that allows no system message
                 raise SourceError(f"source {self.name!r}: row {row.id!r}: {error}") from None
-            for text in (row.chosen, row.rejected):
-                response = self.tokenizer.encode_response(text)
+            for response in responses:
                 if self.max_length is not None and len(prompt) + len(response) > self.max_length:
                     raise SourceError(f"source {self.name!r}: row {row.id!r} has {len(prompt) + len(response)} "
                                       f"tokens, more than the model's max_position_embeddings {self.max_length}")
-                sequences.append((prompt + response, len(response)))
-        return sequences
+            pairs.append((prompt, *responses))
+        return pairs
+
+    def encode(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], int]]:
+        """(prompt + response ids, response length) of each row's chosen, then rejected response, in row order."""
+        return self._sequences(self.encode_pairs(rows))
+
+    @staticmethod
+    def _sequences(pairs: list[tuple[list[int], list[int], list[int]]]) -> list[tuple[list[int], int]]:
+        return [(prompt + response, len(response)) for prompt, *responses in pairs for response in responses]
+
+    def _score_shared(self, pairs: list[tuple[list[int], list[int], list[int]]]) -> list[RowScores]:
+        """``score`` with each pair's prompt computed once (``shares_prompt``)."""
+        layouts = [(prompt + chosen + prompt[-1:] + rejected, 0) for prompt, chosen, rejected in pairs]
+        sums: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+        for indices in self.batches(layouts):
+            for index, values in zip(indices, self._shared_logps([pairs[i] for i in indices]).tolist(), strict=True):
+                sums[index] = tuple(values)
+        return [(chosen_sum, rejected_sum, len(chosen), len(rejected))
+                for (chosen_sum, rejected_sum), (_, chosen, rejected) in zip(sums, pairs, strict=True)]
+
+    @torch.no_grad()
+    def _shared_logps(self, pairs: list[tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
+        """[B, 2] float64 chosen and rejected log-prob sums of B pairs, one row each (``packing.shared_prompt_rows``)."""
+        rows = shared_prompt_rows(pairs, pad_id=self.tokenizer.pad_id, length_multiple=self.length_multiple)
+        keep = rows["keep"]
+        dtype = next(self.model.parameters()).dtype
+        # additive (0 / most negative): what both sdpa and eager attention add; a padding query sees no key and
+        # attends uniformly instead of producing NaN
+        mask = torch.zeros(rows["allowed"].shape, dtype=dtype).masked_fill(~rows["allowed"], torch.finfo(dtype).min)
+        extra = {"logits_to_keep": keep} if self._keep_logits else {}
+        with self.autocast():
+            logits = self.model(input_ids=rows["input_ids"].to(self.device), attention_mask=mask[:, None].to(self.device),
+                                position_ids=rows["position_ids"].to(self.device), use_cache=False, **extra).logits
+        logits = logits[:, -keep:-1].float()
+        targets = rows["input_ids"][:, -keep + 1:].to(self.device)
+        token_logps = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)).double()
+        return torch.stack([torch.where(rows[name].to(self.device), token_logps, 0.0).sum(-1)
+                            for name in ("chosen", "rejected")], dim=-1).cpu()
 
     def _response_logps(self, sequences: list[tuple[list[int], int]]) -> torch.Tensor:
         """[B] float64 response log-prob sums of B (ids, response length) sequences."""
@@ -402,8 +461,11 @@ def check_shardable(source: PreparedSource, *, ranks: int) -> None:
                           "tensor_parallel false")
 
 
-def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: int) -> SourceScorer:
-    """The source's model loaded (sharded when ``source.tensor_parallel``: a collective, see ``load_model``)."""
+def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: int,
+                 share_prompt: bool = True) -> SourceScorer:
+    """The source's model loaded (sharded when ``source.tensor_parallel``: a collective, see ``load_model``).
+    ``share_prompt`` (``sources.share_prompt``): where exact, each row's prompt is computed once (not for a sharded
+    source, whose attention with a custom mask has not been checked)."""
     distributed = torch.distributed.is_initialized()
     shards = torch.distributed.get_world_size() if source.tensor_parallel and distributed else 1
     if shards > 1:
@@ -426,7 +488,7 @@ def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: 
                      "reference_autocast": lambda: te.fp8_autocast(enabled=False),
                      "length_multiple": SourceScorer.FP8_LENGTH_MULTIPLE}
     return SourceScorer(name=source.name, model=model, tokenizer=source.tokenizer, device=device,
-                        batch_tokens=batch_tokens, **precision)
+                        batch_tokens=batch_tokens, share_prompt=share_prompt and shards == 1, **precision)
 
 
 # Mean |delta log-prob| per token above which the FP8 check warns (issue #8's goal for FP8 scoring)
@@ -554,7 +616,7 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
                 _score_chunks(source, todo=[piece for piece in todo if piece], rows=rows, keys=keys,
                               append=append if writes else None, device=device,
                               batch_tokens=cfg.sources.batch_tokens, rank=rank, world=world,
-                              check_rows=cfg.sources.precision_check_rows)
+                              check_rows=cfg.sources.precision_check_rows, share_prompt=cfg.sources.share_prompt)
         _barrier(world)
         if rank == 0:
             _write_output(out=out_path, rows=rows, keys=keys, data_path=data_path, sources=sources,
@@ -565,13 +627,13 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
 
 def _score_chunks(source: PreparedSource, *, todo: list[list[int]], rows: list[PreferenceRow], keys: list[str],
                   append: Callable[..., None] | None, device: torch.device, batch_tokens: int, rank: int,
-                  world: int, check_rows: int) -> None:
+                  world: int, check_rows: int, share_prompt: bool) -> None:
     """Score the ``todo`` chunks and ``append`` each (None: a shard of a sharded source, whose rank 0 writes)."""
     if not todo:
         return
     from tqdm import tqdm
 
-    scorer = build_scorer(source, device=device, batch_tokens=batch_tokens)
+    scorer = build_scorer(source, device=device, batch_tokens=batch_tokens, share_prompt=share_prompt)
     if rank == 0:
         report_precision_check(scorer, [rows[index] for index in todo[0][:check_rows]])
     if source.tensor_parallel and world > 1:

@@ -22,13 +22,13 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from infifpo_mcore import checkpointing, losses, monitoring, pivot_card, step_guard
+from infifpo_mcore import checkpointing, losses, monitoring, packing, pivot_card, step_guard
 from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, to_dict
-from infifpo_mcore.data import PreferenceBatch, ResumableSampler, collate_pairs, report_skipped_rows, responses_of
+from infifpo_mcore.data import PreferenceBatch, ResumableSampler, collate_pairs, report_skipped_rows
 from infifpo_mcore.memory import (choose_micro_batch_size, device_memory_bytes, estimate_memory_per_rank,
                                   padded_vocab)
-from infifpo_mcore.model import (build_pivot, build_transformer_config, params_dtype, transformer_engine_available,
-                                 use_distributed_optimizer)
+from infifpo_mcore.model import (build_pivot, build_transformer_config, params_dtype, transformer_engine_attention,
+                                 transformer_engine_available, use_distributed_optimizer)
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, join_job
 from infifpo_mcore.preemption import StopRequest, deferred, signal_name
 from infifpo_mcore.preflight import RunInputs, read_inputs
@@ -43,11 +43,6 @@ logger = logging.getLogger(__name__)
 
 def _differences(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in zip(times, times[1:])]
-
-
-def _row_tokens(example) -> int:
-    """Real (non-pad) tokens the pivot processes for one row: the prompt with each of its responses."""
-    return sum(len(example["prompt_ids"]) + len(example[f"{name}_ids"]) for name in responses_of(example))
 
 
 def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
@@ -105,6 +100,11 @@ class Trainer:
                 report_skipped_rows(dataset=dataset, path=self.references.paths[name], run_dir=self.run_dir)
         self.unpadded_vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab(model=cfg.model, vocab_size=self.unpadded_vocab_size, tensor=ctx.tensor)
+        self.packing, self.share_prompt, note = packing.resolve_packing(
+            packing=cfg.data.packing, share_prompt=cfg.data.share_prompt,
+            thd_attention=transformer_engine_attention(cfg.model), sliding_window=cfg.model.sliding_window)
+        if note and ctx.rank == 0:
+            logger.warning("%s", note)
         if cfg.train.micro_batch_size is None:
             cfg.train.micro_batch_size = self._fitting_micro_batch_size()
         self.card = pivot_card.card_for_run(cfg, vocab_size=self.unpadded_vocab_size)  # saved with checkpoints
@@ -125,7 +125,7 @@ class Trainer:
         self.agreed_stop = 0  # the stop signal some rank received, once all ranks agreed on it at a step boundary
         self.bad_steps = step_guard.BadStepLog(max_consecutive=cfg.train.max_consecutive_bad_steps)
         self.saved_step: int | None = None
-        self.micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.data)
+        self.rows_per_step = cfg.train.global_batch_size // ctx.data  # this rank's pairs of a global batch
         self.step = 0
         self.sampler = ResumableSampler(num_rows=len(inputs.train), seed=cfg.train.seed, dp_rank=ctx.data_rank,
                                         dp_size=ctx.data, shuffle=cfg.data.shuffle)
@@ -139,11 +139,20 @@ class Trainer:
         for split in self.datasets:
             self._score_pivot_init(split)
 
+    def _pack_budget(self, micro_batch_size: int | None = None) -> int | None:
+        """Tokens per packed micro-batch (None: unpacked)."""
+        if not self.packing:
+            return None
+        return packing.token_budget(micro_batch_size=micro_batch_size or self.cfg.train.micro_batch_size,
+                                    responses=len(self.spec.responses), seq_length=self.cfg.model.seq_length,
+                                    pack_tokens=self.cfg.data.pack_tokens)
+
     def _memory_estimate(self, micro_batch_size: int | None = None):
         """What each rank should need (heaviest pipeline stage), printed at start so a misfit shows before OOM."""
         return estimate_memory_per_rank(
             model=self.cfg.model, tensor=self.ctx.tensor, pipeline=self.ctx.pipeline, data=self.ctx.data,
             micro_batch_size=micro_batch_size or self.cfg.train.micro_batch_size,
+            packed_tokens=self._pack_budget(micro_batch_size),
             responses_per_row=len(self.spec.responses), seq_length=self.cfg.model.seq_length,
             precision=self.precision, distributed_optimizer=use_distributed_optimizer(),
             vocab_size=self.unpadded_vocab_size, fused_attention=transformer_engine_available(),
@@ -154,9 +163,14 @@ class Trainer:
         training ranks (every rank must take the same)."""
         capacity = torch.tensor([device_memory_bytes(self.ctx.device)], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(capacity, op=dist.ReduceOp.MIN)
+        packed_tokens = None
+        if self.packing:  # what a step's pairs take packed, on average: the micro-batches a budget gives
+            train = self.datasets["train"]
+            packed_tokens = sum(packing.pair_tokens(e, share_prompt=self.share_prompt) for e in train) / len(train)
         size, estimate, fits = choose_micro_batch_size(
             estimate=lambda pairs: self._memory_estimate(micro_batch_size=pairs), pipeline=self.ctx.pipeline,
-            rows_per_rank=self.cfg.train.global_batch_size // self.ctx.data, capacity_bytes=int(capacity.item()))
+            rows_per_rank=self.cfg.train.global_batch_size // self.ctx.data, capacity_bytes=int(capacity.item()),
+            packed=None if packed_tokens is None else (packed_tokens, self._pack_budget))
         if self.ctx.rank == 0:
             (logger.info if fits else logger.warning)(
                 "train.micro_batch_size null: %d pair(s) per micro-batch, estimated %.2f GiB of %.2f GiB per rank%s",
@@ -191,31 +205,44 @@ class Trainer:
         self.references.add_scored(split, self._forward_only(scoring_forward_step, split, with_reference=False))
 
     # ----------------------------------------------------------------------------------------------------------------
-    def _batch(self, indices: list[int], split: str, *, with_reference: bool = True) -> PreferenceBatch:
-        dataset = self.datasets[split]
-        batch = collate_pairs([dataset[i] for i in indices], seq_length=self.cfg.model.seq_length,
-                              pad_id=self.tokenizer.pad_id)
-        batch = {key: value.to(self.ctx.device) for key, value in batch.items()}
+    def _micro_batches(self, rows: list[int], split: str, *, with_reference: bool = True) -> list[PreferenceBatch]:
+        """This rank's ``rows`` as micro-batches on its device: ``train.micro_batch_size`` pairs each, or packed
+        (``packing``: as many on every data-parallel rank); the last stage's carry their reference columns."""
+        dataset, mbs = self.datasets[split], self.cfg.train.micro_batch_size
+        examples = [dataset[i] for i in rows]
+        if self.packing:
+            batches = packing.packed_micro_batches(
+                examples, budget=self._pack_budget(), share_prompt=self.share_prompt, pad_id=self.tokenizer.pad_id,
+                data_group=parallel_state.get_data_parallel_group(with_context_parallel=False), device=self.ctx.device)
+        else:
+            batches = [collate_pairs(examples[i:i + mbs], seq_length=self.cfg.model.seq_length,
+                                     pad_id=self.tokenizer.pad_id) for i in range(0, len(examples), mbs)]
+        batches = [{key: value.to(self.ctx.device) for key, value in batch.items()} for batch in batches]
         if with_reference and self.ctx.is_last_stage:  # the only stage that computes the loss
-            self.references.join(batch, split, device=self.ctx.device)
-        return batch
+            for batch in batches:
+                self.references.join(batch, split, device=self.ctx.device)
+        return batches
 
     def _forward_only(self, forward_step, split: str, *, with_reference: bool) -> dict[str, torch.Tensor] | None:
         return forward_only_rows(
             model_chunks=self.model, forward_step=forward_step, num_rows=len(self.datasets[split]),
-            batch_of=lambda indices: self._batch(indices, split, with_reference=with_reference),
-            micro_batch_size=self.cfg.train.micro_batch_size, micro_batches_per_pass=self.micro_batches,
+            micro_batches_of=lambda rows: self._micro_batches(rows, split, with_reference=with_reference),
+            rows_per_pass=self.rows_per_step, row_multiple=1 if self.packing else self.cfg.train.micro_batch_size,
             ctx=self.ctx)
+
+    def _pair_tokens(self, example) -> int:
+        """Real (non-pad) tokens the pivot processes for one row: the prompt with each of its responses (the prompt
+        once, plus one token per response, with a shared prompt)."""
+        return packing.pair_tokens(example, share_prompt=self.packing and self.share_prompt)
 
     def _next_global_batch(self) -> tuple[list[PreferenceBatch], int]:
         """This rank's micro-batches of the next global batch, and the global batch's real (non-pad) token count."""
-        mbs = self.cfg.train.micro_batch_size
-        rows = [next(self.row_order) for _ in range(self.micro_batches * mbs)]
+        rows = [next(self.row_order) for _ in range(self.rows_per_step)]
         if self.score_receiver is not None:
             self.references.take_stream_batch(step=self.step, rows=rows, data_rank=self.ctx.data_rank,
                                               data_size=self.ctx.data)
-        batches = [self._batch(rows[i:i + mbs], "train") for i in range(0, len(rows), mbs)]
-        tokens = torch.tensor([sum(_row_tokens(self.datasets["train"][i]) for i in rows)], dtype=torch.int64,
+        batches = self._micro_batches(rows, "train")
+        tokens = torch.tensor([sum(self._pair_tokens(self.datasets["train"][i]) for i in rows)], dtype=torch.int64,
                               device=self.ctx.device)
         dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
         return batches, int(tokens.item())
@@ -324,10 +351,12 @@ class Trainer:
         saves = ("no checkpoints (checkpoint.save is null)" if not cfg.checkpoint.save else
                  f"checkpoints every {cfg.checkpoint.save_interval} steps and at the end to {cfg.checkpoint.save}"
                  if cfg.checkpoint.save_interval else f"a checkpoint at the end to {cfg.checkpoint.save}")
-        logger.info("training steps %d-%d of %d: %d pairs per step (%d micro-batch(es) of %d on each of %d "
-                    "data-parallel rank(s)); %s; %s; metrics to %s", first, cfg.train.steps, cfg.train.steps,
-                    cfg.train.global_batch_size, self.micro_batches, cfg.train.micro_batch_size, self.ctx.data,
-                    evaluation, saves, self.run_dir / "metrics.jsonl")
+        batching = (f"packed micro-batches of up to {self._pack_budget()} tokens" if self.packing else
+                    f"{self.rows_per_step // cfg.train.micro_batch_size} micro-batch(es) of "
+                    f"{cfg.train.micro_batch_size}")
+        logger.info("training steps %d-%d of %d: %d pairs per step (%d on each of %d data-parallel rank(s), in %s); "
+                    "%s; %s; metrics to %s", first, cfg.train.steps, cfg.train.steps, cfg.train.global_batch_size,
+                    self.rows_per_step, self.ctx.data, batching, evaluation, saves, self.run_dir / "metrics.jsonl")
 
     def fit(self) -> monitoring.RunSummary:
         cfg, log_rank = self.cfg, self.ctx.is_logging_rank

@@ -1,5 +1,5 @@
-"""Fixtures shared by several test modules (the real SmolLM2-135M-Instruct, as an fp32 HF model directory), and the
-check that the session leaves no process of its own running."""
+"""Fixtures shared by several test modules (the real SmolLM2-135M-Instruct and Gemma-3-270M, as fp32 HF model
+directories), and the check that the session leaves no process of its own running."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 # that is how the end-of-session check finds orphans too, and only processes of this session.
 SESSION_MARK = "INFIFPO_MCORE_TEST_SESSION"
 # Helpers of the pytest process itself that end when it does (the multiprocessing resource tracker of its spawned
-# test workers)
-_ENDS_WITH_PYTEST = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+# test workers; W&B's service, which wandb tears down at exit and which watches this pid)
+_ENDS_WITH_PYTEST = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "wandb-core")
 _GRACE_SECONDS = 30  # for processes a test has just killed or told to stop, to exit and be reaped
 
 
@@ -29,6 +29,15 @@ def smollm2_dir() -> Path:
     from infifpo_mcore.packaged_models import packaged_model_dir
 
     return packaged_model_dir("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """Gemma-3-270M (a base model: its tokenizer has the turn markers but no chat template), shipped as a GGUF split
+    over four pip packages, dequantised once into an fp32 HF directory (cached like ``smollm2_dir``)."""
+    from infifpo_mcore.packaged_models import packaged_model_dir
+
+    return packaged_model_dir("gemma-3-270m")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -148,6 +148,11 @@ def test_dotted_keys_inside_yaml(tmp_path):
     ("data.skip_invalid_rows=2", ["data.skip_invalid_rows", "bool"]),
     ("data.path=", ["data.path", "expected str", "None"]),
     ("data.path=''", ["data.path", "must not be empty"]),
+    ("model.kv_channels=0", ["model.kv_channels", "> 0"]),
+    ("model.rope_scaling=yarn", ["model.rope_scaling", "one of: none, linear, llama3"]),
+    ("model.rope_scaling=llama3", ["model.rope_original_max_position_embeddings: rope_scaling llama3 needs it"]),
+    ("model.window_layers=[true,false]", ["model.window_layers: set, but model.sliding_window", "null"]),
+    ("model.local_rotary_base=10000", ["model.local_rotary_base: set, but there are no sliding-window layers"]),
     ("oops", ["malformed override 'oops'", "key.sub=value"]),
     ("=3", ["malformed override '=3'"]),
 ])
@@ -155,6 +160,20 @@ def test_rejects_with_key_and_allowed_values(override, fragments):
     message = problems_of(overrides=[override])
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_a_model_with_its_own_head_size_needs_no_divisible_hidden_size():
+    cfg = load_config(overrides=["model.hidden_size=130", "model.kv_channels=32"])  # Gemma-3-1B: 1152 / 4 = 288
+    assert cfg.model.kv_channels == 32
+
+
+def test_window_layers_must_name_every_layer_and_gemma_layers_have_no_fp8():
+    message = problems_of(overrides=["model.sliding_window=16", "model.window_layers=[true,false,true]"])
+    assert "model.window_layers: 3 entries for model.num_layers 2 (one per layer)" in message
+    message = problems_of(overrides=["model.zero_centered_norms=true", "train.precision=fp8"])
+    assert "model.zero_centered_norms: this layer is built from Megatron-Core's local modules" in message
+    message = problems_of(overrides=["model.post_norms=true", "model.normalization=LayerNorm"])
+    assert "model.post_norms: needs model.normalization RMSNorm, got LayerNorm" in message
 
 
 def test_online_sources_with_a_loss_that_uses_no_source_scores_are_refused():

@@ -219,6 +219,17 @@ def test_gpt_flops_per_token_matches_a_hand_count(swiglu):
     assert expected == (8160 if swiglu else 6624)  # the hand count itself, written out once
 
 
+def test_gpt_flops_per_token_with_a_head_size_of_its_own():
+    # As above but 4 heads of width 3 (Gemma / Qwen3 / Mistral-Nemo: head_dim != h / a): Q 12 wide, K and V 6 wide
+    q_proj, k_proj, v_proj, out_proj = 2 * 8 * 12, 2 * 8 * 6, 2 * 8 * 6, 2 * 12 * 8
+    scores, weighted_values = 2 * 4 * 12, 2 * 4 * 12
+    mlp, logits = 2 * 8 * 16 * 3, 2 * 8 * 10
+    expected = 3 * (2 * (q_proj + k_proj + v_proj + out_proj + scores + weighted_values + mlp) + logits)
+    flops = gpt_flops_per_token(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=4,
+                                num_query_groups=2, vocab_size=10, seq_length=4, swiglu=True, head_dim=3)
+    assert flops == pytest.approx(expected) and expected == 9696
+
+
 @pytest.fixture
 def fresh_nvml():
     monitoring._nvml.cache_clear()

@@ -69,7 +69,8 @@ def _read(path: Path) -> list[dict]:
 
 
 def _direct_logps(model_dir: Path, rows) -> list[tuple[float, int]]:
-    """Reference: transformers alone (its tokenizer, chat template and model), one unpadded sequence at a time."""
+    """Reference: transformers alone (its tokenizer, chat template and model), one unpadded sequence at a time; the
+    response is the templated conversation's text after the templated prompt's, tokenised apart (TRL's split)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -78,8 +79,12 @@ def _direct_logps(model_dir: Path, rows) -> list[tuple[float, int]]:
     for row in rows:
         prompt = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
+        prompt_text = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=False)
         for answer in (row.chosen, row.rejected):
-            response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            full = tokenizer.apply_chat_template([*row.prompt, {"role": "assistant", "content": answer}],
+                                                 tokenize=False)
+            assert full.startswith(prompt_text)
+            response = tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + response])
             with torch.no_grad():
                 logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
@@ -128,6 +133,29 @@ def test_fp8_length_padding_leaves_the_scores_unchanged(tiny_sources, data):
     padded_shapes = lengths[:len(lengths) // 2]
     assert all(length % 16 == 0 for _, length in padded_shapes), padded_shapes
     assert any(length % 16 for _, length in lengths[len(lengths) // 2:])  # the unpadded batches would not fit
+
+
+@pytest.mark.parametrize("family, window", [("llama_tied", None), ("mistral", 512), ("mistral", 32), ("gemma3", 16)])
+def test_a_shared_prompt_gives_each_response_its_own_sequence_s_scores(family, window, data, tmp_path):
+    """sources.share_prompt: [prompt, chosen, last prompt token, rejected] in one sequence under a custom mask gives
+    the scores of two sequences (the rows' prompts are 20-120 tokens: one forward computes the prompt once). A
+    sliding window shorter than the rows (Mistral's 32, Gemma 3's 16 tokens) would be lost under a custom mask:
+    those rows are scored as two sequences."""
+    changes = {"sliding_window": window} if family == "mistral" else {}
+    model_dir = source_models.tiny_model(tmp_path, family=family, vocab_size=32000, seed=3, **changes)
+    tokenizer = build_tokenizer(type="sentencepiece", path=source_models.MISTRAL_V1, chat_template="mistral")
+    model = sources_module.load_model(model_dir=model_dir, gguf_file=None, precision="fp32", device=CPU)
+    rows = read_preference_rows(data)
+    scorers = {share: SourceScorer(name=family, model=model, tokenizer=tokenizer, device=CPU, batch_tokens=600,
+                                   share_prompt=share) for share in (False, True)}
+    batch_rows = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    _assert_same_scores(_scored(scorers[True], rows), _scored(scorers[False], rows))
+    hook.remove()
+    shared = window is None or window > 200
+    assert scorers[True].shares_prompt(scorers[True].encode_pairs(rows)) == shared
+    assert sum(batch_rows) == (3 if shared else 4) * len(rows)  # one sequence per row shared, else two
 
 
 def _bf16_autocast_scorer(scorer: SourceScorer) -> SourceScorer:
@@ -209,7 +237,7 @@ def test_each_source_counts_its_own_tokens_and_means_are_sum_over_count(scored, 
     for row, out in zip(rows, written):
         for kind in ("chosen", "rejected"):
             text = getattr(row, kind)
-            own = [len(llama.encode_response(text)), len(qwen.encode_response(text))]
+            own = [len(llama.encode_response(text)), len(qwen.encode_response(text, prompt=row.prompt))]
             sums, means = out[f"fuse_{kind}_logps"], out[f"fuse_mean_{kind}_logps"]
             assert means == [total / count for total, count in zip(sums, own)]
             counts[kind].append(own)

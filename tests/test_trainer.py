@@ -352,3 +352,72 @@ def test_a_null_micro_batch_size_takes_the_largest_that_fits(small_data, tmp_pat
     assert "train.micro_batch_size null: 4 pair(s) per micro-batch, estimated" in result.stderr
     assert "train:\n  micro_batch_size: 4\n" in (tmp_path / "config.yaml").read_text()
     assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Packed micro-batches (data.packing, data.share_prompt) train exactly as padded ones
+PACKING = {"unpacked": ["data.packing=false"], "packed": ["data.packing=true", "data.share_prompt=false"],
+           "shared": ["data.packing=true", "data.share_prompt=true"]}
+# 8 pairs per step in micro-batches of 2 (unpacked) or of 512 tokens (packed: 1 to 4 pairs each, varying per rank)
+PACKED_BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2"]
+_EXPLANATION = "because the numbers given in the question add up to this and no other choice fits them".split()
+
+
+@pytest.fixture(scope="module")
+def varied_data(small_data, tmp_path_factory) -> Path:
+    """The small rows (train and eval.jsonl) whose responses add 0 to 60 words of explanation after the answer:
+    prompts of 17 to 119 tokens and responses of a few to about a hundred (some cut to model.seq_length, as
+    unpacked)."""
+    directory = tmp_path_factory.mktemp("varied")
+    for name, source in (("prefs.jsonl", small_data), ("eval.jsonl", small_data.with_name("eval.jsonl"))):
+        rows = [json.loads(line) for line in source.read_text().splitlines()]
+        for index, row in enumerate(rows):
+            for offset, side in enumerate(("chosen", "rejected")):
+                words = (_EXPLANATION * 4)[:(index * 7 + offset * 13) % 61]
+                row[side][0]["content"] += (" " + " ".join(words)) if words else ""
+        (directory / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory / "prefs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def varied_step1_checkpoint(varied_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("varied_step1")
+    run_training(nproc=1, overrides=_overrides(varied_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
+                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
+                                               *PACKED_BATCH, *PACKING["unpacked"]))
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def varied_unpacked_tp1(varied_data, varied_step1_checkpoint, tmp_path_factory) -> list[dict]:
+    return _continue(varied_data, varied_step1_checkpoint, tmp_path_factory.mktemp("varied_tp1"), nproc=1, tensor=1,
+                     pipeline=1, extra=[*PACKED_BATCH, *PACKING["unpacked"]])
+
+
+def _assert_packed_equals_unpacked(got: list[dict], want: list[dict]) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(2, STEPS + 1))
+    for packed, unpacked in zip(got, want):
+        keys = [key for key in unpacked if key.startswith(("loss", "grad_norm", "rewards/", "logps/", "eval/"))]
+        assert len(keys) >= 8 and set(keys) <= packed.keys()
+        for key in keys:
+            assert packed[key] == pytest.approx(unpacked[key], rel=1e-5, abs=1e-5), (unpacked["step"], key)
+
+
+@pytest.mark.parametrize("mode", ["packed", "shared"])
+def test_packed_micro_batches_train_as_unpacked_at_tp1(mode, varied_data, varied_step1_checkpoint,
+                                                       varied_unpacked_tp1, tmp_path):
+    result_dir = tmp_path / mode
+    metrics = _continue(varied_data, varied_step1_checkpoint, result_dir, nproc=1, tensor=1, pipeline=1,
+                        extra=[*PACKED_BATCH, *PACKING[mode]])
+    _assert_packed_equals_unpacked(metrics, varied_unpacked_tp1)
+    # fewer tokens computed: the throughput counts real tokens, the same pairs but the prompt once when shared
+    assert all(m["tokens_per_sec"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("mode", ["packed", "shared"])
+def test_packed_micro_batches_at_tp2_pp2_dp2_train_as_unpacked_at_tp1(mode, varied_data, varied_step1_checkpoint,
+                                                                      varied_unpacked_tp1, tmp_path):
+    """8 ranks: the data-parallel ranks' pairs pack into different numbers of micro-batches, agreed per step."""
+    metrics = _continue(varied_data, varied_step1_checkpoint, tmp_path, nproc=8, tensor=2, pipeline=2,
+                        extra=[*PACKED_BATCH, *PACKING[mode]])
+    _assert_packed_equals_unpacked(metrics, varied_unpacked_tp1)
