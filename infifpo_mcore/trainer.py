@@ -133,6 +133,12 @@ class Trainer:
         self.loaded_from = start.resume_from if start is not None and start.resume_from else cfg.checkpoint.load
         if self.loaded_from:
             self._load(Path(self.loaded_from))
+        if cfg.loss.type == "infifpo" and cfg.loss.clip and cfg.checkpoint.load is None and ctx.rank == 0:
+            # A random init scores every response far below any source (-10 against -2.5 nats per token in the tiny
+            # run), so every clipped rejected reference is the init's and reward accuracy stays near 0.
+            logger.warning("loss.clip is on but the pivot started from a random init (checkpoint.load is null): "
+                           "clipping compares each source with the init's own scores, which only a pretrained pivot "
+                           "makes meaningful; load one (checkpoint.load, docs/conversion.md) or set loss.clip=false")
         self.bad_steps.last_good_step = self.step
         self.row_order = iter(self.sampler)
         self.score_receiver = self._start_score_stream() if cfg.sources.num_ranks else None

@@ -83,8 +83,6 @@ def main() -> int:
         plan = preflight.plan_run(config=args.config, overrides=args.overrides, fresh=args.fresh,
                                   world_size=world_size)
         cfg = plan.cfg
-        if rank == world_size - cfg.sources.num_ranks and cfg.sources.num_ranks:  # the source leader speaks too
-            logging.getLogger("infifpo_mcore").setLevel(logging.INFO)
         logger.info("layout: tensor %d x pipeline %d x data %d%s; loss %s", cfg.parallel.tensor,
                     cfg.parallel.pipeline, plan.data_parallel,
                     f" + {cfg.sources.num_ranks} source rank(s)" if cfg.sources.num_ranks else "", cfg.loss.type)
@@ -97,6 +95,9 @@ def main() -> int:
         check_stored_vocab(cfg)
     except Refusal as refusal:
         return _refuse(refusal, rank=rank)
+    if cfg.sources.num_ranks and rank == world_size - cfg.sources.num_ranks:
+        # the source leader speaks too from here on (what each source rank holds); the checks above were rank 0's
+        logging.getLogger("infifpo_mcore").setLevel(logging.INFO)
     from infifpo_mcore.run_folder import resume_command
     from torch.distributed.elastic.multiprocessing.errors import record
 
