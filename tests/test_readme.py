@@ -9,11 +9,12 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from infifpo_mcore.config import load_config, validate_layout
+from infifpo_mcore.config import InfiFPOConfig, load_config, validate_layout
 from tests.distributed import free_port
 from tests.launcher import REPO
 
@@ -39,7 +40,7 @@ def _words(command: str) -> list[str]:
     return shlex.split(command)
 
 
-def _trainer_config(command: str, *, extra: list[str] = ()) -> tuple[object, int]:
+def _trainer_config(command: str) -> tuple[InfiFPOConfig, int]:
     """The config a ``torchrun ... launch/pretrain_infifpo.py`` command trains with, and its world size."""
     words = _words(command)
     nproc = int(words[words.index("--nproc_per_node") + 1])
@@ -47,7 +48,7 @@ def _trainer_config(command: str, *, extra: list[str] = ()) -> tuple[object, int
     rest = words[entry + 1:]
     config = rest[rest.index("--config") + 1] if "--config" in rest else "launch/configs/tiny_cpu.yaml"
     overrides = [word for word in rest if "=" in word and not word.startswith("-")]
-    return load_config(path=REPO / config, overrides=[*overrides, *extra]), nproc
+    return load_config(path=REPO / config, overrides=overrides), nproc
 
 
 def _scratch(tmp_path: Path) -> Path:
@@ -57,7 +58,7 @@ def _scratch(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _run(command: str, *, cwd: Path, extra: list[str] = (), timeout: int = 600) -> str:
+def _run(command: str, *, cwd: Path, extra: Sequence[str] = (), timeout: int = 600) -> str:
     """``command`` as a shell runs it in ``cwd``, with ``extra`` overrides appended; torchrun on a free port (tests
     run side by side). Its output, or AssertionError with it when it fails."""
     command = command.replace("torchrun ", f"torchrun --master_port {free_port()} ", 1)
