@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import pickle
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -44,24 +43,19 @@ from megatron.core.distributed import DistributedDataParallel
 from safetensors.torch import load_file, save_file
 
 from infifpo_mcore.atomic_files import STAGING_SUFFIX, fsync_tree, write_atomically
+from infifpo_mcore.checkpoint_layout import (ITERATION, LATEST, REPLACED_SUFFIX, CheckpointError,
+                                             iteration_dir, resolve_checkpoint)
 from infifpo_mcore.config import ConfigError
 from infifpo_mcore.memory import STATE_BYTES, counted_precision
 from infifpo_mcore.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
 TRAIN_STATE = "train_state.json"
 INIT_SCORES = "pivot_init_scores.safetensors"
 RNG_DIR = "rng"
-REPLACED_SUFFIX = ".replaced"
-_ITERATION = re.compile(r"iter_(\d{7})")
 # Megatron's canonical per-parameter optimizer layout: a checkpoint resumes at any TP / PP / DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def check_disk_space(*, root: Path, parameters: int, precision: str) -> None:
@@ -89,29 +83,6 @@ def prepare_save_root(*, root: Path, model_chunks, data_size: int, precision: st
     dist.all_reduce(total)  # also: rank 0 has cleaned up before any rank saves
     # each data-parallel replica holds the whole model
     check_disk_space(root=root, parameters=int(total.item()) // data_size, precision=precision)
-
-
-def iteration_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A root with a ``latest`` pointer or an ``iter_*`` directory itself -> the iteration directory to load."""
-    if (path / LATEST).is_file():
-        target = (path / LATEST).read_text().strip()
-        if (path / (target + REPLACED_SUFFIX)).is_dir() and not (path / target).exists():
-            target += REPLACED_SUFFIX  # killed while a new save of this step replaced it: the old one is whole
-        if not _ITERATION.match(target) or not (path / target).is_dir():
-            raise CheckpointError(f"{path / LATEST} names {target!r}, which is not a checkpoint directory beside it")
-        path = path / target
-    if path.name.endswith(STAGING_SUFFIX):
-        raise CheckpointError(f"{path} is an unfinished save (its writer stopped before publishing it); load the "
-                              f"checkpoint root or a published iter_* directory instead")
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(
-            f"{path} is not a dist_checkpointing directory (no metadata.json, and no '{LATEST}' pointer beside it)"
-        )
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,9 +129,9 @@ def prune_checkpoints(root: Path, *, keep_last: int, published: Path) -> list[Pa
     """Deletes published checkpoints older than the ``keep_last`` newest (``published`` counts and stays); returns
     them. Directories newer than ``published`` (left by an abandoned run) are not touched: a later save replaces
     them."""
-    step = int(_ITERATION.fullmatch(published.name).group(1))
+    step = int(ITERATION.fullmatch(published.name).group(1))
     older = sorted((int(match.group(1)), path) for path in root.iterdir()
-                   if (match := _ITERATION.fullmatch(path.name)) and path.is_dir() and int(match.group(1)) < step)
+                   if (match := ITERATION.fullmatch(path.name)) and path.is_dir() and int(match.group(1)) < step)
     doomed = [path for _, path in older[: max(len(older) - (keep_last - 1), 0)]]
     for path in doomed:
         shutil.rmtree(path)

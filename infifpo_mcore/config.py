@@ -24,9 +24,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from infifpo_mcore.refusals import Refusal
 
-class ConfigError(ValueError):
+
+class ConfigError(Refusal, ValueError):
     """Invalid configuration; `problems` holds one line per problem, naming the dotted key where there is one."""
+
+    label = "config error"
 
     def __init__(self, problems: str | Sequence[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -439,8 +443,6 @@ def _parse_override(override: str, problems: list[str]) -> dict:
 
 def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     """Checks that need only the config (world-size checks live in `validate_layout`)."""
-    from infifpo_mcore.losses import LOSSES  # here: loading a config should not pay for importing torch elsewhere
-
     problems = []
 
     def get(key: str) -> Any:
@@ -503,11 +505,15 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
                         f"({cfg.model.seq_length}) to leave room for the response")
     if cfg.data.share_prompt and cfg.data.packing is False:
         problems.append("data.share_prompt: true needs packed micro-batches; set data.packing true or null")
-    responses = len(LOSSES[cfg.loss.type].responses)
-    if cfg.data.pack_tokens is not None and 0 < cfg.data.pack_tokens < responses * cfg.model.seq_length:
-        problems.append(f"data.pack_tokens ({cfg.data.pack_tokens}) must be >= {responses * cfg.model.seq_length}, "
-                        f"the {responses} sequences of model.seq_length ({cfg.model.seq_length}) a pair of "
-                        f"loss.type={cfg.loss.type} may take, so that every pair fits a micro-batch")
+    if cfg.data.pack_tokens is not None and cfg.data.pack_tokens > 0:
+        from infifpo_mcore.losses import LOSSES  # here, and only then: checking a config should not import torch
+
+        responses = len(LOSSES[cfg.loss.type].responses)
+        if cfg.data.pack_tokens < responses * cfg.model.seq_length:
+            problems.append(f"data.pack_tokens ({cfg.data.pack_tokens}) must be >= "
+                            f"{responses * cfg.model.seq_length}, the {responses} sequences of model.seq_length "
+                            f"({cfg.model.seq_length}) a pair of loss.type={cfg.loss.type} may take, so that every "
+                            "pair fits a micro-batch")
     if train.precision == Precision.fp8:  # TE's FP8 GEMMs want every dimension a multiple of 16
         for key in ("model.seq_length", "model.hidden_size", "model.ffn_hidden_size"):
             if get(key) % 16:
@@ -516,10 +522,13 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
     if cfg.sources.num_ranks and not cfg.sources.models:
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): no sources.models to run on those ranks")
-    if cfg.sources.num_ranks and not LOSSES[cfg.loss.type].uses_sources:
-        users = " | ".join(name for name, spec in LOSSES.items() if spec.uses_sources)
-        problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "
-                        f"scores; use 0, or loss.type {users}")
+    if cfg.sources.num_ranks:
+        from infifpo_mcore.losses import LOSSES  # here, and only then: checking a config should not import torch
+
+        if not LOSSES[cfg.loss.type].uses_sources:
+            users = " | ".join(name for name, spec in LOSSES.items() if spec.uses_sources)
+            problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "
+                            f"scores; use 0, or loss.type {users}")
     if cfg.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
         problems.append("logging.wandb_project: set, but wandb is not installed (pip install wandb, or null)")
     names = [source.name for source in cfg.sources.models]

@@ -42,6 +42,7 @@ import torch
 from infifpo_mcore.data_files import DataFileError, read_source_rows
 from infifpo_mcore.data_rows import (CHOSEN_PIVOT, FUSE_FIELDS, KNOWN_FIELDS, PreferenceRow,  # noqa: F401 (re-exported)
                                      RowProblems, is_wrpo_authors_row, parse_row, row_key, token_count)
+from infifpo_mcore.refusals import Refusal
 from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,10 @@ RESPONSES = ("chosen", "rejected", CHOSEN_PIVOT)
 PAIR = ("chosen", "rejected")  # the responses whole-text reference scores (cached or online) exist for
 
 
-class DataError(ValueError):
+class DataError(Refusal, ValueError):
     """Invalid training data; ``problems`` lists every ``file:line field: problem``."""
+
+    label = "data error"
 
     def __init__(self, problems: list[str]):
         self.problems = problems

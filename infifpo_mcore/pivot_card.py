@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from infifpo_mcore.checkpoint_layout import CheckpointError, resolve_checkpoint
 from infifpo_mcore.config import ConfigError, InfiFPOConfig, ModelConfig, TokenizerConfig, load_config, to_dict
 
 CARD_FILE = "pivot.yaml"
@@ -144,18 +145,34 @@ def apply_card(cfg: InfiFPOConfig, *, card: PivotCard, source: str, overrides: S
 
 def resolve_pivot(cfg: InfiFPOConfig, *, overrides: Sequence[str]) -> InfiFPOConfig:
     """`cfg` as the run will use it: with the model and tokenizer of the checkpoint it loads, if that has a card."""
-    if not cfg.checkpoint.load:
-        return cfg
-    from infifpo_mcore.checkpointing import CheckpointError, resolve_checkpoint
+    cfg = apply_checkpoint_card(cfg, overrides=overrides)
+    check_stored_vocab(cfg)
+    return cfg
 
+
+def _start_checkpoint(cfg: InfiFPOConfig) -> Path:
     try:
-        directory = resolve_checkpoint(Path(cfg.checkpoint.load))
+        return resolve_checkpoint(Path(cfg.checkpoint.load))
     except CheckpointError as error:
         raise ConfigError(f"checkpoint.load: {error}") from None
-    card = read_card(directory)
-    if card is None:
+
+
+def apply_checkpoint_card(cfg: InfiFPOConfig, *, overrides: Sequence[str]) -> InfiFPOConfig:
+    """The first half of ``resolve_pivot``, without Megatron: the card of the checkpoint ``cfg`` loads applied."""
+    if not cfg.checkpoint.load:
         return cfg
-    cfg = apply_card(cfg, card=card, source=cfg.checkpoint.load, overrides=overrides)
+    card = read_card(_start_checkpoint(cfg))
+    return cfg if card is None else apply_card(cfg, card=card, source=cfg.checkpoint.load, overrides=overrides)
+
+
+def check_stored_vocab(cfg: InfiFPOConfig) -> None:
+    """The second half of ``resolve_pivot`` (reads the checkpoint's metadata with Megatron): the checkpoint's
+    padded vocabulary is the one this run pads to."""
+    if not cfg.checkpoint.load:
+        return
+    directory = _start_checkpoint(cfg)
+    if read_card(directory) is None:
+        return
     from infifpo_mcore.memory import padded_vocab
 
     rows, tensor = stored_vocab_rows(directory), cfg.parallel.tensor
@@ -165,7 +182,6 @@ def resolve_pivot(cfg: InfiFPOConfig, *, overrides: Sequence[str]) -> InfiFPOCon
             f"parallel.tensor={tensor}: the pivot pads model.vocab_size {cfg.model.vocab_size} to {wanted} rows "
             f"(a multiple of model.make_vocab_size_divisible_by {cfg.model.make_vocab_size_divisible_by} x {tensor}) "
             f"but checkpoint.load={cfg.checkpoint.load} stores {rows}; load it at a tensor size that pads alike")
-    return cfg
 
 
 def stored_vocab_rows(directory: Path) -> int:
@@ -179,10 +195,6 @@ def stored_vocab_rows(directory: Path) -> int:
 def card_for_run(cfg: InfiFPOConfig, *, vocab_size: int) -> PivotCard:
     """The card a run writes with its checkpoints: its model (with the vocabulary it actually built), tokenizer,
     and the HF config of the checkpoint it started from, if any (so an export writes the original config.json)."""
-    start = None
-    if cfg.checkpoint.load:
-        from infifpo_mcore.checkpointing import resolve_checkpoint
-
-        start = read_card(resolve_checkpoint(Path(cfg.checkpoint.load)))
+    start = read_card(resolve_checkpoint(Path(cfg.checkpoint.load))) if cfg.checkpoint.load else None
     return build_card(model=dataclasses.replace(cfg.model, vocab_size=vocab_size), tokenizer=cfg.tokenizer,
                       hf_config=start.hf_config if start else None)

@@ -19,21 +19,23 @@ on the last pipeline stage, the only one that computes the loss (``References.jo
   - stream: online (``sources.num_ranks`` > 0) the source ranks' scores of each global batch, received by the
     last stage, whose rows are checked against the rows this rank draws (``source_group.unpack_scores``).
 
-Every needed column has an origin before anything trains: ``References`` refuses the run otherwise. The data
-files and the source ranks read the same splits through ``load_splits``; a response cut to fit ``model.seq_length``
-while its reference scores cover the whole text is a problem of its row (``data.load_preference_dataset``).
+Every needed column has an origin before anything trains: ``load_splits``, through which the trainer and the source
+ranks read the same splits, refuses data without the scores the loss needs in the same report as the problems of
+its rows (``reference_problems``); a response cut to fit ``model.seq_length`` while its reference scores cover the
+whole text is a problem of its row (``data.load_preference_dataset``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from infifpo_mcore.config import ConfigError, InfiFPOConfig
-from infifpo_mcore.data import (PreferenceBatch, PreferenceDataset, PreferenceRow, load_preference_dataset,
-                                token_count)
+from infifpo_mcore.data import (DataError, PreferenceBatch, PreferenceDataset, PreferenceRow,
+                                load_preference_dataset, token_count)
 from infifpo_mcore.losses import LOSSES, LossOptions, LossSpec, loss_options, loss_spec
 from infifpo_mcore.source_group import ScoreReceiver, SourceGroupError, unpack_scores
 from infifpo_mcore.tokenization import ChatTokenizer
@@ -84,7 +86,10 @@ def cached_columns(dataset: PreferenceDataset) -> dict[str, Tensor]:
 def load_splits(cfg: InfiFPOConfig, *, tokenizer: ChatTokenizer
                 ) -> tuple[PreferenceDataset, PreferenceDataset | None]:
     """The train and held-out data exactly as the run uses them, loaded alike by the training ranks and the source
-    ranks (same rows, same order, same checks), so that both draw the same rows."""
+    ranks (same rows, same order, same checks), so that both draw the same rows.
+
+    Raises one DataError with every problem found: those of the rows of both files, and whether the files carry
+    the scores the loss needs (``reference_problems``)."""
     spec, options = loss_spec(cfg.loss.type), loss_options(cfg.loss)
     online = cfg.sources.num_ranks > 0
     init_from_cache = spec.needs_init_scores(options) and _init_cacheable(spec)
@@ -98,19 +103,51 @@ def load_splits(cfg: InfiFPOConfig, *, tokenizer: ChatTokenizer
             ("ref", init_from_cache and "ref_chosen_logps" in row.cached)) if present]
         return ", ".join(used) or None
 
-    def load(path: str, split: str | None) -> PreferenceDataset:
+    def load(path: str, split: str | None, *, skip_invalid: bool) -> PreferenceDataset:
         return load_preference_dataset(
             path=path, tokenizer=tokenizer, seq_length=cfg.model.seq_length,
             max_prompt_length=cfg.data.max_prompt_length, num_sources=len(cfg.sources.models) or None,
-            skip_invalid=cfg.data.skip_invalid_rows, responses=spec.responses, split=split,
+            skip_invalid=skip_invalid, responses=spec.responses, split=split,
             whole_text_reference=whole_text_reference)
 
     data = cfg.data
-    train = load(data.path, data.split)
-    if not data.eval_path:
-        return train, None
     # data.eval_split null: data.split, where the held-out data is a folder of splits too
-    return train, load(data.eval_path, data.eval_split or (data.split if Path(data.eval_path).is_dir() else None))
+    eval_split = data.eval_split or (data.split if data.eval_path and Path(data.eval_path).is_dir() else None)
+
+    problems: list[str] = []
+    splits: dict[str, PreferenceDataset] = {}
+    for split, path, file_split in (("train", data.path, data.split), ("eval", data.eval_path, eval_split)):
+        if path is None:
+            continue
+        try:
+            splits[split] = load(path, file_split, skip_invalid=data.skip_invalid_rows)
+        except DataError as error:
+            problems += error.problems
+            if spec.uses_sources:  # what its valid rows carry still tells whether the loss can use this file
+                with contextlib.suppress(DataError):
+                    splits[split] = load(path, file_split, skip_invalid=True)
+    problems += reference_problems(cfg, splits)
+    if problems:
+        raise DataError(problems)
+    return splits["train"], splits.get("eval")
+
+
+def reference_problems(cfg: InfiFPOConfig, splits: dict[str, PreferenceDataset]) -> list[str]:
+    """Where the source scores of a loss that fuses them come from: cached in every split (offline) or from the
+    source ranks (online), never both."""
+    spec = loss_spec(cfg.loss.type)
+    problems = []
+    for split, dataset in splits.items():
+        path = cfg.data.path if split == "train" else cfg.data.eval_path
+        if cfg.sources.num_ranks and dataset.num_sources:
+            problems.append(f"{path} carries source scores (fuse_*) and sources.num_ranks={cfg.sources.num_ranks} "
+                            "would score them again online; train from the cached ones with sources.num_ranks=0")
+        elif spec.uses_sources and not cfg.sources.num_ranks and not dataset.num_sources:
+            others = ", ".join(name for name, other in LOSSES.items() if not other.uses_sources)
+            problems.append(f"loss.type={cfg.loss.type} needs source scores (fuse_* fields) in {path}, which has "
+                            "none; score the sources first (launch/score_sources.py) or use a loss whose reference "
+                            f"is the pivot init ({others})")
+    return problems
 
 
 class References:
@@ -127,26 +164,13 @@ class References:
         self.scored: dict[str, set[str]] = {name: set() for name in datasets}  # the pivot init's, checkpointed
         self.receiver: ScoreReceiver | None = None
         self._eval_received = False
-        problems = []
-        for name, dataset in datasets.items():
+        for name, dataset in datasets.items():  # as load_splits gave them: reference_problems found no problem
             cached = cached_columns(dataset)
-            path = self.paths[name]
-            if self.online_sources and dataset.num_sources:
-                problems.append(f"{path} carries source scores (fuse_*) and sources.num_ranks="
-                                f"{cfg.sources.num_ranks} would score them again online; train from the cached "
-                                "ones with sources.num_ranks=0")
-            elif self.spec.uses_sources and not self.online_sources and not dataset.num_sources:
-                others = ", ".join(name for name, spec in LOSSES.items() if not spec.uses_sources)
-                problems.append(f"loss.type={cfg.loss.type} needs source scores (fuse_* fields) in {path}, which "
-                                "has none; score the sources first (launch/score_sources.py) or use a loss whose "
-                                f"reference is the pivot init ({others})")
             init = [key for key in self.needed if key.startswith("init_")]
             keep = list(SOURCE_KEYS) if self.spec.uses_sources and not self.online_sources else []
             if init and all(key in cached for key in init):
                 keep += init
             self.tables[name] = {key: cached[key] for key in keep if key in cached}
-        if problems:
-            raise ConfigError(problems)
 
     @property
     def num_sources(self) -> int:

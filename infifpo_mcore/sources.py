@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from infifpo_mcore.atomic_files import write_atomically
-from infifpo_mcore.checkpointing import LATEST
+from infifpo_mcore.checkpoint_layout import LATEST
 from infifpo_mcore.config import ConfigError, InfiFPOConfig, SourceConfig, resolve_precision
 from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows, row_key
 from infifpo_mcore.packing import shared_prompt_rows

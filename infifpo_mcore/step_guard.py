@@ -22,14 +22,18 @@ from megatron.core import parallel_state
 
 from infifpo_mcore.data import PreferenceDataset
 from infifpo_mcore.parallel import ParallelContext
+from infifpo_mcore.refusals import Refusal
 from infifpo_mcore.schedule import from_last_stage, max_over_training_ranks
 from infifpo_mcore.train_step import ROW_IDS, ROW_LOSSES
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingHalted(RuntimeError):
+class TrainingHalted(Refusal, RuntimeError):
     """Too many bad steps in a row; the message says why and where the last good state was saved."""
+
+    label = "training halted"
+    exit_code = 3
 
 
 def losses_are_finite(outputs: list[dict[str, torch.Tensor]]) -> bool:

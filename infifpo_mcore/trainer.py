@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -26,18 +25,19 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from infifpo_mcore import checkpointing, losses, monitoring, packing, pivot_card, step_guard
-from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, save_config, to_dict, validate_layout
+from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, to_dict
 from infifpo_mcore.data import PreferenceBatch, ResumableSampler, collate_pairs, report_skipped_rows
 from infifpo_mcore.memory import (choose_micro_batch_size, device_memory_bytes, estimate_memory_per_rank,
                                   padded_vocab)
 from infifpo_mcore.model import (build_pivot, build_transformer_config, params_dtype, transformer_engine_attention,
                                  transformer_engine_available, use_distributed_optimizer)
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, join_job
-from infifpo_mcore.preemption import StopRequest, signal_name
-from infifpo_mcore.references import References, load_splits
+from infifpo_mcore.preemption import StopRequest, deferred, signal_name
+from infifpo_mcore.preflight import RunInputs, read_inputs
+from infifpo_mcore.references import References
+from infifpo_mcore.run_folder import RunStart, prepare_folder, record_config
 from infifpo_mcore.schedule import forward_only_rows, from_last_stage, mean_metrics, run_schedule
 from infifpo_mcore.source_group import ScoreReceiver, serve_sources
-from infifpo_mcore.tokenization import build_tokenizer
 from infifpo_mcore.train_step import (evaluation_forward_step, evaluation_metrics, scoring_forward_step,
                                       training_forward_step)
 
@@ -89,25 +89,26 @@ def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
 
 
 class Trainer:
-    """Holds what one run builds; ``fit`` runs the loop. Every training rank constructs one."""
+    """Holds what one run builds; ``fit`` runs the loop. Every training rank constructs one.
 
-    def __init__(self, cfg: InfiFPOConfig, ctx: ParallelContext):
+    ``inputs``: the tokenizer and data the entry point's checks read (None: read here); ``start``: how the run
+    starts in its folder (None: a new run, from ``checkpoint.load`` if set); ``resume_command``: what the summary
+    of a stopped run tells the user to run."""
+
+    def __init__(self, cfg: InfiFPOConfig, ctx: ParallelContext, *, inputs: RunInputs | None = None,
+                 start: RunStart | None = None, resume_command: str | None = None):
         self.cfg, self.ctx = cfg, ctx
         self.precision = resolve_precision(cfg.train.precision, device=ctx.device, what="train.precision")
         self.spec = losses.loss_spec(cfg.loss.type)
         self.run_dir = Path(cfg.run_dir)
-        self.tokenizer = build_tokenizer(type=str(cfg.tokenizer.type), path=cfg.tokenizer.path,
-                                         chat_template=cfg.tokenizer.chat_template)
-        train, held_out = load_splits(cfg, tokenizer=self.tokenizer)
-        self.datasets = {"train": train, **({"eval": held_out} if held_out is not None else {})}
+        self.resume_command = resume_command
+        inputs = inputs or read_inputs(cfg)
+        self.tokenizer = inputs.tokenizer
+        self.datasets = {"train": inputs.train, **({"eval": inputs.eval} if inputs.eval is not None else {})}
         self.references = References(cfg=cfg, datasets=self.datasets)
         for name, dataset in self.datasets.items():
             if dataset.skipped and ctx.rank == 0:
                 report_skipped_rows(dataset=dataset, path=self.references.paths[name], run_dir=self.run_dir)
-        if cfg.model.vocab_size is not None and cfg.model.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                              f"({self.tokenizer.vocab_size}, {cfg.tokenizer.path}): its ids would index past the "
-                              "embedding")
         self.unpadded_vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab(model=cfg.model, vocab_size=self.unpadded_vocab_size, tensor=ctx.tensor)
         self.packing, self.share_prompt, note = packing.resolve_packing(
@@ -137,10 +138,18 @@ class Trainer:
         self.saved_step: int | None = None
         self.rows_per_step = cfg.train.global_batch_size // ctx.data  # this rank's pairs of a global batch
         self.step = 0
-        self.sampler = ResumableSampler(num_rows=len(train), seed=cfg.train.seed, dp_rank=ctx.data_rank,
+        self.sampler = ResumableSampler(num_rows=len(inputs.train), seed=cfg.train.seed, dp_rank=ctx.data_rank,
                                         dp_size=ctx.data, shuffle=cfg.data.shuffle)
-        if cfg.checkpoint.load:
-            self._load(Path(cfg.checkpoint.load))
+        # A run folder holding checkpoints resumes from its own newest; checkpoint.load is where a new run starts.
+        self.loaded_from = start.resume_from if start is not None and start.resume_from else cfg.checkpoint.load
+        if self.loaded_from:
+            self._load(Path(self.loaded_from))
+        if cfg.loss.type == "infifpo" and cfg.loss.clip and cfg.checkpoint.load is None and ctx.rank == 0:
+            # A random init scores every response far below any source (-10 against -2.5 nats per token in the tiny
+            # run), so every clipped rejected reference is the init's and reward accuracy stays near 0.
+            logger.warning("loss.clip is on but the pivot started from a random init (checkpoint.load is null): "
+                           "clipping compares each source with the init's own scores, which only a pretrained pivot "
+                           "makes meaningful; load one (checkpoint.load, docs/conversion.md) or set loss.clip=false")
         self.bad_steps.last_good_step = self.step
         self.row_order = iter(self.sampler)
         self.score_receiver = self._start_score_stream() if cfg.sources.num_ranks else None
@@ -204,7 +213,7 @@ class Trainer:
         if not unscored:
             return
         if self.step > 0:
-            raise ConfigError(f"checkpoint {self.cfg.checkpoint.load} (step {self.step}) has no pivot-init scores "
+            raise ConfigError(f"checkpoint {self.loaded_from} (step {self.step}) has no pivot-init scores "
                               f"for the {split} data of the {', '.join(unscored)} responses and the pivot is no "
                               "longer at its init (add ref_* scores to that data or start from step 0)")
         if self.ctx.rank == 0:
@@ -295,7 +304,8 @@ class Trainer:
         return losses.wrpo_alpha(target=self.cfg.loss.wrpo_alpha, step=completed, steps=self.cfg.train.steps)
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and metrics of the held-out split, every row counted once; on every rank."""
+        """Loss and metrics of the held-out split, every row counted once; on every rank. Rank 0 says the result."""
+        started = time.perf_counter()
         # after step k, evaluate with the alpha step k trained with (before the first step: that of step 1)
         forward_step = evaluation_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(max(self.step - 1, 0)))
         rows = self._forward_only(forward_step, "eval", with_reference=True)
@@ -303,7 +313,13 @@ class Trainer:
                 and self.ctx.data_rank == 0:
             monitoring.write_eval_rows(path=self.run_dir / "eval_rows" / f"step_{self.step:06d}.jsonl",
                                        dataset=self.datasets["eval"], rows=rows)
-        return from_last_stage(evaluation_metrics(rows, token_level=self.spec.token_level) if rows else None)
+        metrics = from_last_stage(evaluation_metrics(rows, token_level=self.spec.token_level) if rows else None)
+        if self.ctx.is_logging_rank:
+            accuracy = "token_accuracy" if self.spec.token_level else "rewards/accuracies"
+            logger.info("step %d: held-out loss %.4f, %s %.3f (%d rows, %.1f s)", self.step, metrics["eval/loss"],
+                        accuracy.replace("rewards/accuracies", "reward accuracy").replace("_", " "),
+                        metrics[f"eval/{accuracy}"], len(self.datasets["eval"]), time.perf_counter() - started)
+        return metrics
 
     # ----------------------------------------------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
@@ -333,33 +349,57 @@ class Trainer:
             logger.info("loaded %s (step %d)", path, self.step)
 
     def _save(self) -> Path:
+        """Collective; a stop signal during the save waits for its end (``preemption.deferred``)."""
+        started = time.perf_counter()
         self.saved_step = self.step
         holds_scores = (self.ctx.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
                         and self.ctx.data_rank == 0)
-        return checkpointing.save_checkpoint(
-            root=Path(self.cfg.checkpoint.save), step=self.step, model_chunks=self.model, optimizer=self.optimizer,
-            train_state={"step": self.step, "loss_type": str(self.cfg.loss.type),
-                         "sampler": self.sampler.state_dict(),  # every data-parallel rank is at the same position
-                         "scheduler": self.scheduler.state_dict(), "has_optimizer": True},
-            init_scores=(self.references.state_dict() or None) if holds_scores else None,
-            keep_last=self.cfg.checkpoint.keep_last,
-            write_extra=lambda directory: pivot_card.write_card(self.card, directory=directory))
+        with deferred():
+            path = checkpointing.save_checkpoint(
+                root=Path(self.cfg.checkpoint.save), step=self.step, model_chunks=self.model,
+                optimizer=self.optimizer,
+                train_state={"step": self.step, "loss_type": str(self.cfg.loss.type),
+                             "sampler": self.sampler.state_dict(),  # every data-parallel rank is at the same position
+                             "scheduler": self.scheduler.state_dict(), "has_optimizer": True},
+                init_scores=(self.references.state_dict() or None) if holds_scores else None,
+                keep_last=self.cfg.checkpoint.keep_last,
+                write_extra=lambda directory: pivot_card.write_card(self.card, directory=directory))
+        if self.ctx.is_logging_rank:
+            logger.info("step %d: saved %s (%.1f s)", self.step, path, time.perf_counter() - started)
+        return path
 
     def _eval_due(self) -> bool:
         interval = self.cfg.train.eval_interval
         return self.step == self.cfg.train.steps or bool(interval and self.step % interval == 0)
 
+    def _announce(self) -> None:
+        """Rank 0, before the first step: what the loop will do."""
+        cfg, first = self.cfg, self.step + 1
+        evaluation = ("no held-out evaluation" if "eval" not in self.datasets else
+                      f"held-out evaluation every {cfg.train.eval_interval} steps and after the last"
+                      if cfg.train.eval_interval else "held-out evaluation after the last step")
+        saves = ("no checkpoints (checkpoint.save is null)" if not cfg.checkpoint.save else
+                 f"checkpoints every {cfg.checkpoint.save_interval} steps and at the end to {cfg.checkpoint.save}"
+                 if cfg.checkpoint.save_interval else f"a checkpoint at the end to {cfg.checkpoint.save}")
+        batching = (f"packed micro-batches of up to {self._pack_budget()} tokens" if self.packing else
+                    f"{self.rows_per_step // cfg.train.micro_batch_size} micro-batch(es) of "
+                    f"{cfg.train.micro_batch_size}")
+        logger.info("training steps %d-%d of %d: %d pairs per step (%d on each of %d data-parallel rank(s), in %s); "
+                    "%s; %s; metrics to %s", first, cfg.train.steps, cfg.train.steps, cfg.train.global_batch_size,
+                    self.rows_per_step, self.ctx.data, batching, evaluation, saves, self.run_dir / "metrics.jsonl")
+
     def fit(self) -> monitoring.RunSummary:
         cfg, log_rank = self.cfg, self.ctx.is_logging_rank
         if log_rank:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, path=self.run_dir / "config.yaml")
+            record_config(cfg)
             self.bad_steps.path = self.run_dir / "skipped_steps.jsonl"
         wandb = None
         if cfg.logging.wandb_project is not None:
             wandb = monitoring.WandbSettings(project=cfg.logging.wandb_project, run_name=cfg.logging.wandb_run_name,
                                              config=to_dict(cfg))
-        metrics_logger = monitoring.MetricsLogger(run_dir=self.run_dir, enabled=log_rank, wandb=wandb)
+        # TensorBoard hides what earlier runs in the folder logged after this one's starting step
+        metrics_logger = monitoring.MetricsLogger(run_dir=self.run_dir, enabled=log_rank, wandb=wandb,
+                                                  purge_step=self.step + 1 if self.step else 0)
         progress = monitoring.ProgressBar(total=cfg.train.steps, enabled=log_rank, initial=self.step)
         throughput = monitoring.Throughput()
         flops_per_token, peak_flops = monitoring.flops_budget(model=cfg.model, vocab_size=self.vocab_size,
@@ -367,47 +407,24 @@ class Trainer:
         history: list[dict[str, float]] = []
         checkpoint_path = None
         started = time.perf_counter()
+        if log_rank:
+            self._announce()
         self.stop.install()
         try:
-            if "eval" in self.datasets and cfg.train.eval_on_start and self.step == 0:
-                metrics_logger.log(step=0, metrics=self.evaluate())
-                throughput.restart_clock()
-            while self.step < cfg.train.steps:
-                metrics = self.train_step()
-                metrics["tokens_per_sec"] = throughput.step(tokens=int(metrics.pop("tokens")))
-                if peak_flops:
-                    metrics["mfu"] = monitoring.mfu(flops_per_token=flops_per_token,
-                                                    tokens_per_sec=metrics["tokens_per_sec"], peak_flops=peak_flops)
-                if log_rank:
-                    metrics.update(monitoring.gpu_stats())  # {} without a GPU
-                if "eval" in self.datasets and self._eval_due():
-                    metrics.update(self.evaluate())
-                    throughput.restart_clock()
-                history.append(metrics)
-                metrics_logger.log(step=self.step, metrics=metrics)
-                progress.update(metrics)
-                if self.bad_steps.exhausted:
-                    raise step_guard.TrainingHalted(self.bad_steps.halt_message(
-                        step=self.step, checkpoint=self._save() if cfg.checkpoint.save else None))
-                if self.agreed_stop:
-                    if log_rank:
-                        action = ("saving it and stopping" if cfg.checkpoint.save
-                                  else "stopping (checkpoint.save is null: not saved)")
-                        logger.warning("%s received (by at least one rank): step %d is complete; %s",
-                                       signal_name(self.agreed_stop), self.step, action)
-                    break
-                interval = cfg.checkpoint.save_interval
-                if cfg.checkpoint.save and interval and self.step % interval == 0 and self.step < cfg.train.steps:
-                    checkpoint_path = self._save()
-                    throughput.restart_clock()
-            if cfg.checkpoint.save and self.saved_step != self.step:
-                checkpoint_path = self._save()
+            with progress.logging_above():
+                checkpoint_path = self._loop(history=history, metrics_logger=metrics_logger, progress=progress,
+                                             throughput=throughput, flops=(flops_per_token, peak_flops))
             if self.score_receiver is not None:
                 self.score_receiver.close()  # after a failure the job ends instead; the sources see the lost link
         finally:
             self.stop.uninstall()
             progress.close()
             metrics_logger.close()
+        stopped = resume = None
+        if self.agreed_stop:
+            stopped = f"{signal_name(self.agreed_stop)} after step {self.step} of {cfg.train.steps}"
+            resume = (f"the same command again (run_dir {self.run_dir} continues from step {self.step}):\n"
+                      f"{self.resume_command}" if cfg.checkpoint.save else "not possible: checkpoint.save is null")
         summary = monitoring.summarize_run(
             history=history, tokens_per_sec=throughput.tokens_per_sec, wall_seconds=time.perf_counter() - started,
             reference=monitoring.describe_reference(loss_type=str(cfg.loss.type),
@@ -415,39 +432,74 @@ class Trainer:
                                                     num_sources=self.references.num_sources),
             checkpoint_path=str(checkpoint_path) if checkpoint_path else None,
             metrics_path=str(metrics_logger.metrics_path), mfu=history[-1].get("mfu") if history else None,
-            eval_metrics={k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {})
+            eval_metrics={k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {},
+            stopped=stopped, resume=resume)
         if log_rank:
             print(monitoring.format_summary(summary), flush=True)
         return summary
 
+    def _loop(self, *, history: list[dict[str, float]], metrics_logger: monitoring.MetricsLogger,
+              progress: monitoring.ProgressBar, throughput: monitoring.Throughput,
+              flops: tuple[float, float | None]) -> Path | None:
+        """The steps up to train.steps or an agreed stop signal; returns the last checkpoint saved."""
+        cfg, log_rank = self.cfg, self.ctx.is_logging_rank
+        flops_per_token, peak_flops = flops
+        checkpoint_path = None
+        if "eval" in self.datasets and cfg.train.eval_on_start and self.step == 0:
+            metrics_logger.log(step=0, metrics=self.evaluate())
+            throughput.restart_clock()
+        while self.step < cfg.train.steps:
+            metrics = self.train_step()
+            metrics["tokens_per_sec"] = throughput.step(tokens=int(metrics.pop("tokens")))
+            if peak_flops:
+                metrics["mfu"] = monitoring.mfu(flops_per_token=flops_per_token,
+                                                tokens_per_sec=metrics["tokens_per_sec"], peak_flops=peak_flops)
+            if log_rank:
+                metrics.update(monitoring.gpu_stats())  # {} without a GPU
+            if "eval" in self.datasets and self._eval_due():
+                metrics.update(self.evaluate())
+                throughput.restart_clock()
+            history.append(metrics)
+            metrics_logger.log(step=self.step, metrics=metrics)
+            progress.update(metrics)
+            if self.bad_steps.exhausted:
+                raise step_guard.TrainingHalted(self.bad_steps.halt_message(
+                    step=self.step, checkpoint=self._save() if cfg.checkpoint.save else None))
+            if self.agreed_stop:
+                if log_rank:
+                    action = ("saving it and stopping" if cfg.checkpoint.save
+                              else "stopping (checkpoint.save is null: not saved)")
+                    logger.warning("%s received (by at least one rank): step %d is complete; %s",
+                                   signal_name(self.agreed_stop), self.step, action)
+                break
+            interval = cfg.checkpoint.save_interval
+            if cfg.checkpoint.save and interval and self.step % interval == 0 and self.step < cfg.train.steps:
+                checkpoint_path = self._save()
+                throughput.restart_clock()
+        if cfg.checkpoint.save and self.saved_step != self.step:
+            checkpoint_path = self._save()
+        return checkpoint_path
 
-def _refuse_unimplemented(cfg: InfiFPOConfig) -> None:
-    if cfg.parallel.virtual_pipeline:
-        # Measured: from one checkpoint, PP 2 x VPP 2 gave losses differing from PP 2 after the warm-up micro-batches.
-        raise ConfigError([f"parallel.virtual_pipeline ({cfg.parallel.virtual_pipeline}): the interleaved schedule "
-                           "is not supported yet; use null"])
 
-
-def train(cfg: InfiFPOConfig) -> monitoring.RunSummary | None:
-    """Entry point used by launch/pretrain_infifpo.py: every process of the job calls it (source ranks return None)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Before any process group exists: a clear message, not a hang.
-    _refuse_unimplemented(cfg)
-    validate_layout(cfg, world_size=world_size)
-    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
-    if int(os.environ.get("RANK", "0")) in (0, world_size - cfg.sources.num_ranks):  # and the source leader
-        logging.getLogger("infifpo_mcore").setLevel(logging.INFO)
+def train(cfg: InfiFPOConfig, *, start: RunStart, inputs: RunInputs, resume_command: str | None = None
+          ) -> monitoring.RunSummary | None:
+    """What every process of the job runs once launch/pretrain_infifpo.py's checks have passed (``preflight``):
+    the training ranks train, the source ranks serve scores (and return None)."""
     job = join_job(source_ranks=cfg.sources.num_ranks, timeout_minutes=cfg.parallel.timeout_minutes,
                    bridge_timeout=timedelta(minutes=cfg.sources.timeout_minutes))
     try:
+        # Every rank has planned its start from the folder as it was; only then does rank 0 change it.
+        if job.bridge is not None:
+            job.bridge.barrier().wait()
+        else:
+            dist.barrier()
+        if job.rank == 0:
+            prepare_folder(start, cfg)
         if job.is_source_rank:
-            tokenizer = build_tokenizer(type=str(cfg.tokenizer.type), path=cfg.tokenizer.path,
-                                        chat_template=cfg.tokenizer.chat_template)
-            train_data, eval_data = load_splits(cfg, tokenizer=tokenizer)
-            serve_sources(cfg, job=job, train_data=train_data, eval_data=eval_data)
+            serve_sources(cfg, job=job, train_data=inputs.train, eval_data=inputs.eval)
             return None
         ctx = init_parallel(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, seed=cfg.train.seed,
                             timeout_minutes=cfg.parallel.timeout_minutes, job=job)
-        return Trainer(cfg, ctx).fit()
+        return Trainer(cfg, ctx, inputs=inputs, start=start, resume_command=resume_command).fit()
     finally:
         destroy_parallel()

@@ -28,6 +28,10 @@ def test_latest_names_the_checkpoint_to_load(tmp_path):
     (tmp_path / "latest").write_text("iter_0000009")
     with pytest.raises(CheckpointError, match="names 'iter_0000009', which is not a checkpoint directory"):
         resolve_checkpoint(tmp_path)
+    # Issue #20: a path that does not exist is said to not exist, not to be "not a dist_checkpointing directory"
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'elsewhere'} does not exist$"):
+        resolve_checkpoint(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(CheckpointError, match="no metadata.json"):
         resolve_checkpoint(tmp_path / "elsewhere")
 

@@ -139,7 +139,7 @@ def test_disabled_logger_creates_no_files(tmp_path):
 
 
 def test_progress_bar_shows_loss_accuracy_and_throughput_on_stderr(capsys):
-    bar = ProgressBar(total=4, enabled=True, initial=1)
+    bar = ProgressBar(total=4, enabled=True, initial=1, interactive=True)  # a terminal
     bar.update({"loss": 0.69314, "rewards/accuracies": 0.5, "tokens_per_sec": 12345.6})
     bar.update({"loss": 0.61234, "rewards/accuracies": 0.75, "tokens_per_sec": 23456.7})
     bar.close()
@@ -151,11 +151,30 @@ def test_progress_bar_shows_loss_accuracy_and_throughput_on_stderr(capsys):
     assert "loss=0.6123" in final and "acc=0.75" in final and "tok/s=23,457" in final
 
 
-def test_disabled_progress_bar_prints_nothing(capsys):
-    bar = ProgressBar(total=3, enabled=False)
-    bar.update({"loss": 0.5})
-    bar.close()
-    assert capsys.readouterr().err == ""
+def test_disabled_progress_bar_prints_nothing(capsys, caplog):
+    for interactive in (True, False):
+        with caplog.at_level(logging.INFO, logger=monitoring.__name__):
+            bar = ProgressBar(total=3, enabled=False, interactive=interactive)
+            bar.update({"loss": 0.5})
+            bar.close()
+    assert capsys.readouterr().err == "" and caplog.records == []
+
+
+def test_off_a_terminal_the_progress_is_a_plain_line_every_tenth_of_the_run_or_minute(caplog):
+    """A log file gets whole lines, no carriage-return redraws: at the first and the last step, every tenth of the
+    run, and when a minute has passed since the previous line."""
+    now = [100.0]
+    with caplog.at_level(logging.INFO, logger=monitoring.__name__):
+        bar = ProgressBar(total=40, enabled=True, initial=10, interactive=False, clock=lambda: now[0])
+        for step in range(11, 41):
+            now[0] += 90.0 if step == 15 else 0.5  # step 15 takes a minute and a half
+            bar.update({"loss": 1.0 / step, "rewards/accuracies": 0.5, "tokens_per_sec": 1234.5})
+        bar.close()
+    lines = [record.getMessage() for record in caplog.records]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == [11, 12, 15, 16, 20, 24, 28, 32, 36, 40]
+    assert lines[0] == "step 11/40: loss 0.0909, reward accuracy 0.50, 1,234 tokens/s, 0.50 s/step, 14 s left"
+    assert lines[-1].startswith("step 40/40: loss 0.0250,") and "left" not in lines[-1]
+    assert "\r" not in "".join(lines)
 
 
 def test_throughput_per_step_and_run_mean():

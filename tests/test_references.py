@@ -133,11 +133,28 @@ def test_wrpo_scores_every_response_itself_and_a_fused_loss_without_source_score
                                                     ref_rejected_logps=-4.0))
     refs = references(config(path, "loss.type=wrpo"), tokenizer)
     assert refs.unscored_responses("train") == ["chosen", "rejected", "chosen_pivot"]  # ref_* unused: one origin
-    with pytest.raises(ConfigError, match=r"loss.type=fpo needs source scores \(fuse_\* fields\) in .*prefs.jsonl"):
+    # Issue #20: reported as data problems, in the one report of every data problem (below)
+    with pytest.raises(DataError, match=r"loss.type=fpo needs source scores \(fuse_\* fields\) in .*prefs.jsonl"):
         references(config(path, "loss.type=fpo"), tokenizer)
     scored = write_rows(tmp_path / "scored.jsonl", row(**fused([-2.0], [-3.0], [-1.0], [-1.5])))
-    with pytest.raises(ConfigError, match="carries source scores .* would score them again online"):
+    with pytest.raises(DataError, match="carries source scores .* would score them again online"):
         references(config(scored, "sources.num_ranks=1", ONE_SOURCE), tokenizer)
+
+
+def test_every_data_problem_comes_in_one_report(tmp_path, tokenizer):
+    """Issue #20: the rows of both files and what the loss needs from them, at once (not a second round of
+    problems once the first is fixed)."""
+    train = write_rows(tmp_path / "train.jsonl", row(), row(rejected="It is 4."), row(prompt="Hi", rejected="Hi."))
+    train.write_text(train.read_text().replace('"It is 4."}', '"It is 4."'))  # line 2: broken JSON
+    held_out = write_rows(tmp_path / "eval.jsonl", row(), row(chosen="", prompt="Yo"))
+    with pytest.raises(DataError) as caught:
+        load_splits(config(train, "loss.type=infifpo", eval_path=held_out), tokenizer=tokenizer)
+    problems = caught.value.problems
+    assert [problem.split(" ", 1)[0] for problem in problems] == [f"{train}:2", f"{held_out}:2", "loss.type=infifpo",
+                                                                  "loss.type=infifpo"]
+    assert "not valid JSON" in problems[0] and "chosen" in problems[1]
+    assert problems[2].startswith(f"loss.type=infifpo needs source scores (fuse_* fields) in {train}, which has none")
+    assert f"in {held_out}, which has none" in problems[3]
 
 
 def test_checkpointed_scores_keep_the_layout_of_earlier_runs(tmp_path, tokenizer):

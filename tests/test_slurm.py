@@ -88,19 +88,24 @@ def test_training_job_on_two_nodes(tmp_path):
     assert _option(argv, "--log_dir") == f"{tmp_path}/logs/{JOB_ID}"
 
 
-def test_training_job_with_exported_settings_resumes_from_its_run_dir(tmp_path):
+def test_training_job_with_exported_settings_is_the_same_command_when_it_resumes(tmp_path):
+    """Issue #20: resubmitting continues the run because the trainer resumes a run folder by itself; the script
+    no longer adds checkpoint.load (which would now be a change of the run's config)."""
     run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "latest").write_text("iter_0000100")
     exported = {"GPUS_PER_NODE": "4", "CONFIG": "launch/configs/tiny_cpu.yaml", "RUN_DIR": str(run_dir),
                 "OVERRIDES": "train.steps=5 loss.beta=0.2", "MASTER_PORT": "29600",
                 "CONTAINER_IMAGE": "nvcr.io/nvidia/pytorch:25.01-py3"}
-    stdout, argv, env = _run("launch/slurm/infifpo.sbatch", tmp_path, env=exported, args=("loss.type=dpo",))
-    args = _check_launch(stdout, argv, env, gpus=4, entry="launch/pretrain_infifpo.py", port=29600)
-    assert args == ["--config", "launch/configs/tiny_cpu.yaml", f"run_dir={run_dir}",
-                    f"checkpoint.save={run_dir}/checkpoints", f"checkpoint.load={run_dir}/checkpoints",
-                    "train.steps=5", "loss.beta=0.2", "loss.type=dpo"]
-    assert "resuming from" in stdout and "iter_0000100" in stdout
+    commands = []
+    for job in ("first", "resubmitted"):
+        (tmp_path / job).mkdir()
+        stdout, argv, env = _run("launch/slurm/infifpo.sbatch", tmp_path / job, env=exported,
+                                 args=("loss.type=dpo",))
+        commands.append(_check_launch(stdout, argv, env, gpus=4, entry="launch/pretrain_infifpo.py", port=29600))
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "latest").write_text("iter_0000100")
+    assert commands[0] == commands[1] == [
+        "--config", "launch/configs/tiny_cpu.yaml", f"run_dir={run_dir}", f"checkpoint.save={run_dir}/checkpoints",
+        "train.steps=5", "loss.beta=0.2", "loss.type=dpo"]
     assert {"--container-image=nvcr.io/nvidia/pytorch:25.01-py3", f"--container-mounts={REPO}:{REPO}",
             f"--container-workdir={REPO}"} <= set(argv[:argv.index("torchrun")])
 

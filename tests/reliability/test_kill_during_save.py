@@ -20,7 +20,9 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_the_restart_cle
               overrides=overrides(data, tmp_path / "killed", f"checkpoint.save={root}", "checkpoint.save_interval=2"),
               env={"HANG_AT_STEP": "4", "HANG_MARKER": str(marker)})
     run.wait_until(marker.exists, timeout=240, what="the save of step 4")
-    os.kill(int(marker.read_text()), signal.SIGKILL)  # the worker, inside save_checkpoint
+    # The worker, inside save_checkpoint, with the helper processes it started (its process group, as when its node
+    # fails): killing the worker alone would leave Megatron's checkpoint-writer helper running after the test.
+    os.killpg(os.getpgid(int(marker.read_text())), signal.SIGKILL)
     assert run.finish(timeout=60) != 0
     assert "Signal 9 (SIGKILL)" in run.output
 

@@ -3,6 +3,7 @@ the uninterrupted run bit-exactly (model, optimizer, LR schedule, data position,
 that reaches only one rank stops every rank at the same step. (Resuming into another TP/PP layout:
 tests/test_trainer.py::test_tp2_pp2_equals_tp1_from_the_same_checkpoint.)"""
 
+import os
 import random
 import signal
 
@@ -19,9 +20,40 @@ pytestmark = pytest.mark.distributed
 TINY_CONFIG = REPO / "launch" / "configs" / "tiny_cpu.yaml"  # what the entry point loads by default
 
 
-def _first_step_logged(run_dir):
+def _first_step_logged(run_dir, steps: int = 1):
     path = run_dir / "metrics.jsonl"
-    return lambda: path.is_file() and path.read_text().count("\n") >= 1
+    return lambda: path.is_file() and path.read_text().count("\n") >= steps
+
+
+def test_ctrl_c_saves_the_step_and_the_same_command_continues_it_bit_exact(data, baseline, tmp_path):
+    """Issue #20, 1, 2 and 6: Ctrl-C (SIGINT to torchrun's process group, as a terminal sends it) during training,
+    after a periodic save has started Megatron's checkpoint-writer helper: the step finishes and is saved, the
+    summary says how to resume, no worker prints a traceback or has to be killed. The same command again continues
+    in its run folder, saying so first, and every step is logged once, bit-exact with the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    command = overrides(data, run_dir, "checkpoint.save=${run_dir}/checkpoints", "checkpoint.save_interval=2")
+    run = Run(nproc=1, log=tmp_path / "stopped.log", overrides=command)
+    run.wait_until(_first_step_logged(run_dir, steps=3), timeout=240, what="step 3 (after the save of step 2)")
+    os.killpg(run.process.pid, signal.SIGINT)
+    run.finish(timeout=120)
+    output, last = run.output, read_metrics(run_dir)[-1]["step"]
+    assert 3 <= last < STEPS, "the run ended before the signal arrived"
+    assert output.lstrip().startswith("[") and "infifpo-mcore on 1 process(es): checking" in output.split("\n")[0]
+    assert f"run_dir {run_dir}: a new run" in output and "data: 24 training pairs" in output
+    assert f"training steps 1-{STEPS} of {STEPS}: 4 pairs per step" in output
+    assert f"step 1/{STEPS}: loss " in output and f"step 2: saved {run_dir}/checkpoints/iter_0000002 (" in output
+    assert f"SIGINT received (by at least one rank): step {last} is complete; saving it and stopping" in output
+    assert f"step {last}: saved {run_dir}/checkpoints/iter_{last:07d} (" in output
+    summary = output[output.index(f"run summary (stopped: SIGINT after step {last} of {STEPS})"):]
+    assert f"resume:          the same command again (run_dir {run_dir} continues from step {last}):" in summary
+    assert "launch/pretrain_infifpo.py" in summary.split("resume:")[1].splitlines()[1]
+    assert "KeyboardInterrupt" not in output and "[rank0]:" not in output and "BrokenPipeError" not in output
+    assert "forcefully exiting via SIGKILL" not in output  # torchrun did not have to kill the worker
+
+    resumed = run_training(nproc=1, overrides=command)
+    assert f"run_dir {run_dir}: resuming its run from step {last} of {STEPS}" in resumed.stderr
+    assert f"training steps {last + 1}-{STEPS} of {STEPS}" in resumed.stderr
+    assert_bit_exact(read_metrics(run_dir), baseline["metrics"])  # steps 1..16, each once
 
 
 def test_sigusr1_to_torchrun_saves_the_finished_step_and_the_resumed_run_is_bit_exact(data, baseline, tmp_path):

@@ -6,21 +6,20 @@ import runpy
 import time
 from pathlib import Path
 
-from megatron.core import dist_checkpointing
-
 ENTRY = Path(__file__).resolve().parents[3] / "launch" / "pretrain_infifpo.py"
-real_save = dist_checkpointing.save
 
+if __name__ == "__main__":  # Megatron's checkpoint writer starts a helper process that imports this file: keep it light
+    from megatron.core import dist_checkpointing
 
-def save_then_wait(state, directory, *args, **kwargs):
-    result = real_save(state, directory, *args, **kwargs)
-    if str(directory).endswith(f"iter_{int(os.environ['HANG_AT_STEP']):07d}.tmp"):
-        Path(os.environ["HANG_MARKER"]).write_text(str(os.getpid()))
-        while True:
-            time.sleep(1)
-    return result
+    real_save = dist_checkpointing.save
 
+    def save_then_wait(state, directory, *args, **kwargs):
+        result = real_save(state, directory, *args, **kwargs)
+        if str(directory).endswith(f"iter_{int(os.environ['HANG_AT_STEP']):07d}.tmp"):
+            Path(os.environ["HANG_MARKER"]).write_text(str(os.getpid()))
+            while True:
+                time.sleep(1)
+        return result
 
-if __name__ == "__main__":  # dist_checkpointing.save starts a helper process that imports this file
     dist_checkpointing.save = save_then_wait
     runpy.run_path(str(ENTRY), run_name="__main__")
