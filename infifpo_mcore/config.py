@@ -577,9 +577,12 @@ def _model_problems(model: ModelConfig, *, fp8: bool) -> list[str]:
 
 def _loss_option_problems(cfg: InfiFPOConfig) -> list[str]:
     """label_smoothing and sft_weight: their ranges, and the losses they mean something for (their LossSpec)."""
-    from infifpo_mcore.losses import LOSSES
+    loss, problems = cfg.loss, []
+    if not (loss.label_smoothing or loss.sft_weight):
+        return problems
+    from infifpo_mcore.losses import LOSSES  # here, and only then: checking a config should not import torch
 
-    loss, spec, problems = cfg.loss, LOSSES[cfg.loss.type], []
+    spec = LOSSES[loss.type]
     if not 0 <= loss.label_smoothing < 0.5:
         problems.append(f"loss.label_smoothing: must be in [0, 0.5), got {loss.label_smoothing}")
     elif loss.label_smoothing and spec.margin_loss != "sigmoid":
