@@ -16,7 +16,7 @@ def test_a_refusal_is_said_once_by_rank_0_even_when_the_other_ranks_finish_first
     assert run.finish(timeout=180) != 0  # torchrun's own exit status is 1 whatever the workers' codes
     output = run.output
     assert output.count("config error: invalid config (1 problem(s)):\n  - loss.fusion: expected one of: mean, "
-                        "sum, max_margin, got 'maxmargin'") == 1
+                        "sum, max_margin, confidence, got 'maxmargin'") == 1
     assert output.index("config error:") < output.index("Root Cause (first observed failure)")
     root_cause = output[output.index("Root Cause (first observed failure)"):]
     assert "rank      : 0" in root_cause and "exitcode  : 2" in root_cause
