@@ -37,18 +37,6 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def use_distributed_optimizer() -> bool:
-    """Shard optimizer state over data-parallel ranks where Megatron's DistributedOptimizer is whole.
-
-    Without Apex or TE it falls back to torch AdamW, whose per-parameter ``step`` entry breaks its checkpoint load in
-    megatron-core 0.16 (``_set_main_param_and_optimizer_states`` KeyError 'step'); there (CPU, GPU images without TE)
-    the plain Megatron optimizer is used, which checkpoints the same per-parameter state.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    return torch.cuda.is_available() and distrib_optimizer.HAVE_APEX_OR_TE
-
-
 def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, precision: str,
                              recompute: str = "none") -> TransformerConfig:
     """``recompute``: 'none', 'selective' (Megatron's core-attention recomputation) or 'full' (every layer,
@@ -153,18 +141,31 @@ def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int,
 
 def build_pivot(
     *, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device,
-    overlap_grad_reduce: bool = False, bucket_size: int | None = None,
+    overlap_grad_reduce: bool = False, bucket_size: int | None = None, distributed_optimizer: bool = False,
+    overlap_param_gather: bool = False,
 ) -> list[DistributedDataParallel]:
     """This rank's pipeline stage of the pivot, DDP-wrapped, as the one-chunk list Megatron's optimizer expects.
 
     ``overlap_grad_reduce``: each gradient bucket is all-reduced as soon as the last micro-batch's backward has
-    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses."""
+    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses.
+    ``distributed_optimizer``: gradients are reduce-scattered instead (each data-parallel rank updates its shard of
+    the weights), and the weights all-gathered after the step: at once, or with ``overlap_param_gather`` bucket by
+    bucket in the next forward pass (``gather_weights`` completes it before a pass that is not a training step's)."""
     gpt = build_gpt(model=model, config=config, vocab_size=vocab_size, device=device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
-        use_distributed_optimizer=use_distributed_optimizer(),
+        use_distributed_optimizer=distributed_optimizer, overlap_param_gather=overlap_param_gather,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)
     if overlap_grad_reduce:
         config.no_sync_func = ddp.no_sync
     return [ddp]
+
+
+def gather_weights(model_chunks: list[DistributedDataParallel]) -> None:
+    """Completes the distributed optimizer's weight all-gather now, where ``overlap_param_gather`` left it to the next
+    training forward pass (its hooks gather each bucket on first use after ``zero_grad_buffer``): before a forward-only
+    pass or a checkpoint save, which would otherwise read other ranks' shards of the previous step's weights."""
+    for chunk in model_chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)

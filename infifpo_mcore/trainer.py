@@ -25,10 +25,12 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from infifpo_mcore import checkpointing, losses, monitoring, pivot_card, step_guard
+from infifpo_mcore.compat import torch_adam
 from infifpo_mcore.config import (
     ConfigError,
     InfiFPOConfig,
     fp8_missing,
+    resolve_distributed_optimizer,
     resolve_precision,
     save_config,
     to_dict,
@@ -38,13 +40,8 @@ from infifpo_mcore.data import (PreferenceBatch, PreferenceDataset, ResumableSam
                                 load_preference_dataset, report_skipped_rows, responses_of)
 from infifpo_mcore.memory import (choose_micro_batch_size, device_memory_bytes, estimate_memory_per_rank,
                                   padded_vocab)
-from infifpo_mcore.model import (
-    build_pivot,
-    build_transformer_config,
-    params_dtype,
-    transformer_engine_available,
-    use_distributed_optimizer,
-)
+from infifpo_mcore.model import build_pivot, build_transformer_config, gather_weights, params_dtype, \
+    transformer_engine_available
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, join_job
 from infifpo_mcore.preemption import StopRequest, signal_name
 from infifpo_mcore.source_group import SCORE_FIELDS, ScoreReceiver, serve_sources
@@ -97,7 +94,9 @@ def _row_tokens(example) -> int:
     return sum(len(example["prompt_ids"]) + len(example[f"{name}_ids"]) for name in responses_of(example))
 
 
-def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
+def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str, distributed_optimizer: bool):
+    """Megatron's optimizer over ``model_chunks``: Adam on fp32 main weights (copies of bf16 weights in bf16), its
+    state sharded over data-parallel ranks with ``distributed_optimizer`` (which the chunks' DDP must match)."""
     train = cfg.train
     dtype = params_dtype(precision)
     config = OptimizerConfig(
@@ -110,8 +109,11 @@ def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
         clip_grad=train.grad_clip,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
-        use_distributed_optimizer=use_distributed_optimizer(),
+        use_distributed_optimizer=distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
+    if distributed_optimizer:
+        torch_adam.apply()  # where Megatron falls back to torch's Adam (no TE / Apex): its checkpoint fixes
     optimizer = get_megatron_optimizer(config, model_chunks)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -136,6 +138,7 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx
         self.precision = resolve_precision(cfg)
+        self.distributed_optimizer = resolve_distributed_optimizer(cfg, data_parallel=ctx.data)
         if self.precision == "fp8" and (missing := fp8_missing(ctx.device)):
             raise ConfigError([f"train.precision: fp8 needs an FP8 GPU (Hopper, Ada) with Transformer Engine; here: "
                                f"{'; '.join(missing)}. Use bf16 or auto."])
@@ -167,9 +170,11 @@ class Trainer:
         self.model = build_pivot(
             model=cfg.model, config=self.transformer_config, vocab_size=self.vocab_size, device=ctx.device,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, bucket_size=cfg.parallel.ddp_bucket_size,
+            distributed_optimizer=self.distributed_optimizer, overlap_param_gather=cfg.parallel.overlap_param_gather,
         )
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision,
+                                                         distributed_optimizer=self.distributed_optimizer)
         if ctx.rank == 0:
             logger.info("%s", self._memory_estimate().format())
         if cfg.checkpoint.save:
@@ -248,7 +253,7 @@ class Trainer:
             micro_batch_size=micro_batch_size or self.cfg.train.micro_batch_size,
             responses_per_row=self.responses_per_row,
             seq_length=self.cfg.model.seq_length,
-            precision=self.precision, distributed_optimizer=use_distributed_optimizer(),
+            precision=self.precision, distributed_optimizer=self.distributed_optimizer,
             vocab_size=self.unpadded_vocab_size,
             fused_attention=transformer_engine_available(), recompute=str(self.cfg.train.recompute),
         )
@@ -349,6 +354,7 @@ class Trainer:
         per_rank = math.ceil(math.ceil(total / size) / mbs) * mbs
         mine = list(range(rank, total, size)) or [0]
         mine += [mine[-1]] * (per_rank - len(mine))
+        gather_weights(self.model)
         for chunk in self.model:
             chunk.eval()
         with torch.no_grad():
@@ -419,6 +425,7 @@ class Trainer:
 
     def _save(self) -> Path:
         self.saved_step = self.step
+        gather_weights(self.model)
         init_scores = dict(self.train_data.init_scores or {})
         if self.eval_data is not None and self.eval_data.init_scores is not None:
             init_scores.update({f"eval/{key}": value for key, value in self.eval_data.init_scores.items()})

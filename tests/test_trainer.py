@@ -119,6 +119,28 @@ def test_save_load_continue_matches_the_uninterrupted_run(small_data, step1_chec
             assert got["eval/loss"] == want["eval/loss"]
 
 
+def test_distributed_optimizer_at_dp2_equals_dp1_resumes_exactly_and_at_dp1(small_data, step1_checkpoint, tp1_run,
+                                                                            tmp_path):
+    """DP 2 with Megatron's distributed optimizer on its torch-Adam fallback (compat.torch_adam) and the weight
+    all-gather overlapped with the next forward: the DP 1 run's steps (1e-6). Saved at step 3, it resumes bit-exactly
+    at DP 2, and at DP 1, where auto picks the plain optimizer: the checkpoint's optimizer state is read in the other
+    format (its main weights: the model's), and the weights saved are whole (gathered before the save)."""
+    distributed = ["parallel.distributed_optimizer=true", "parallel.overlap_param_gather=true",
+                   "parallel.ddp_bucket_size=20000", "checkpoint.save_interval=3"]
+    whole = _continue(small_data, step1_checkpoint, tmp_path / "dp2", nproc=2, tensor=1, pipeline=1,
+                      save=tmp_path / "ckpt", extra=distributed)
+    _assert_same_losses(whole, tp1_run, rtol=1e-6)
+    step3 = tmp_path / "ckpt" / "iter_0000003"
+    resumed = _continue(small_data, step3, tmp_path / "dp2_resumed", nproc=2, tensor=1, pipeline=1,
+                        extra=distributed[:3])
+    assert [m["step"] for m in resumed] == [4]
+    assert resumed[0]["loss"] == whole[-1]["loss"] and resumed[0]["grad_norm"] == whole[-1]["grad_norm"]
+    assert resumed[0]["eval/loss"] == whole[-1]["eval/loss"]
+    on_one_rank = _continue(small_data, step3, tmp_path / "dp1", nproc=1, tensor=1, pipeline=1)
+    for key in ("loss", "grad_norm", "eval/loss"):
+        assert on_one_rank[0][key] == pytest.approx(tp1_run[-1][key], rel=1e-6), key
+
+
 def test_infifpo_max_margin_at_tp2_pp2_equals_tp1_and_reports_fusion(
     data_with_source_scores, step1_checkpoint, tmp_path
 ):
