@@ -134,6 +134,10 @@ def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
     ).to(device)
+    if config.bf16:
+        # Every weight in bf16, as Megatron's Float16Module casts them: the local spec creates its torch norms in fp32
+        # (TE's are created in params_dtype), which the bf16 optimizer would keep apart from the bf16 ones.
+        gpt = gpt.bfloat16()
     if gpt.post_process:
         gpt.response_logits = ResponseOnlyLogits(gpt)
     return gpt
