@@ -273,8 +273,19 @@ def _bare(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def _model_sharded_state_dict(model_chunks) -> dict:
-    (chunk,) = model_chunks
-    return {"model": _bare(chunk).sharded_state_dict()}
+    """The model's tensors under "model" (several chunks of a virtual pipeline: one entry each). Their keys are
+    global (layer offsets included), so any layout, with or without a virtual pipeline, reads them."""
+    if len(model_chunks) == 1:
+        return {"model": _bare(model_chunks[0]).sharded_state_dict()}
+    return {"model": {f"chunk{index}": _bare(chunk).sharded_state_dict() for index, chunk in enumerate(model_chunks)}}
+
+
+def _load_model(model_chunks, loaded: dict) -> None:
+    if len(model_chunks) == 1:
+        _bare(model_chunks[0]).load_state_dict(loaded)
+        return
+    for index, chunk in enumerate(model_chunks):
+        _bare(chunk).load_state_dict(loaded[f"chunk{index}"])
 
 
 def _rng_file(directory: Path) -> Path:
@@ -350,7 +361,7 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None, vocab_size: int
                                                                     set(metadata.state_dict_metadata))
         converting = bool(from_model) or _is_distributed(template["optimizer"]) != _saved_distributed(metadata)
     loaded = dist_checkpointing.load(template, str(directory))
-    _bare(model_chunks[0]).load_state_dict(loaded["model"])
+    _load_model(model_chunks, loaded["model"])
     if with_optimizer:
         state = loaded["optimizer"]
         if converting:

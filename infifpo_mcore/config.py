@@ -527,6 +527,12 @@ def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
                         f"size {data_parallel}; set it to true")
     if virtual is not None and pipeline < 2:
         problems.append(f"parallel.virtual_pipeline ({virtual}) needs parallel.pipeline > 1, got {pipeline}")
+    elif virtual is not None and train.micro_batch_size and not problems:
+        micro_batches = train.global_batch_size // (train.micro_batch_size * data_parallel)
+        if micro_batches % pipeline:  # Megatron's interleaved schedule runs them in groups of PP
+            problems.append(f"parallel.virtual_pipeline ({virtual}): the {micro_batches} micro-batches per step "
+                            f"(train.global_batch_size / (train.micro_batch_size x data-parallel size)) must be a "
+                            f"multiple of parallel.pipeline ({pipeline})")
     stages = pipeline * (virtual or 1)
     if model.num_layers % stages:
         per_stage = f" x parallel.virtual_pipeline ({virtual})" if virtual else ""

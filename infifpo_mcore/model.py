@@ -38,9 +38,9 @@ def transformer_engine_available() -> bool:
 
 
 def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, precision: str,
-                             recompute: str = "none") -> TransformerConfig:
+                             recompute: str = "none", virtual_pipeline: int | None = None) -> TransformerConfig:
     """``recompute``: 'none', 'selective' (Megatron's core-attention recomputation) or 'full' (every layer,
-    uniformly, one layer per checkpoint)."""
+    uniformly, one layer per checkpoint). ``virtual_pipeline``: model chunks per pipeline rank, or None."""
     activation, gated = _ACTIVATIONS[model.activation]
     dtype = params_dtype(precision)
     on_gpu = torch.cuda.is_available()
@@ -61,6 +61,12 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        # The interleaved schedule's p2p as Megatron-LM sets it: unbatched, each direction in its own group. Batched
+        # (Megatron's default), at PP 2 an activation and a gradient travel to the same peer in one batch, posted in
+        # opposite orders by sender and receiver, and arrive swapped (benchmarks/repro_vpp_p2p.py).
+        overlap_p2p_comm=virtual_pipeline is not None,
+        batch_p2p_comm=virtual_pipeline is None,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -120,19 +126,21 @@ def set_response_positions(model: DistributedDataParallel, positions: torch.Tens
         selector.positions = positions
 
 
-def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device) -> GPTModel:
-    """This rank's pipeline stage of the pivot, bare: what the checkpoint tools, which never train, build (DDP's
-    gradient buffers would double their memory)."""
+def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device,
+              vp_stage: int | None = None) -> GPTModel:
+    """This rank's pipeline stage of the pivot (its model chunk ``vp_stage`` under a virtual pipeline), bare: what
+    the checkpoint tools, which never train, build (DDP's gradient buffers would double their memory)."""
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(config),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
     ).to(device)
     if config.bf16:
         # Every weight in bf16, as Megatron's Float16Module casts them: the local spec creates its torch norms in fp32
@@ -148,22 +156,36 @@ def build_pivot(
     overlap_grad_reduce: bool = False, bucket_size: int | None = None, distributed_optimizer: bool = False,
     overlap_param_gather: bool = False,
 ) -> list[DistributedDataParallel]:
-    """This rank's pipeline stage of the pivot, DDP-wrapped, as the one-chunk list Megatron's optimizer expects.
+    """This rank's model chunks of the pivot, each DDP-wrapped: its pipeline stage, or under a virtual pipeline
+    (``config.virtual_pipeline_model_parallel_size``) one chunk per virtual stage, as Megatron's optimizer and
+    interleaved schedule expect them.
 
     ``overlap_grad_reduce``: each gradient bucket is all-reduced as soon as the last micro-batch's backward has
-    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses.
-    ``distributed_optimizer``: gradients are reduce-scattered instead (each data-parallel rank updates its shard of
-    the weights), and the weights all-gathered after the step: at once, or with ``overlap_param_gather`` bucket by
-    bucket in the next forward pass (``gather_weights`` completes it before a pass that is not a training step's)."""
-    gpt = build_gpt(model=model, config=config, vocab_size=vocab_size, device=device)
+    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses
+    (with several chunks, also ``config.grad_sync_func``: the schedule starts each chunk's reduce after its last
+    backward). ``distributed_optimizer``: gradients are reduce-scattered instead (each data-parallel rank updates its
+    shard of the weights), and the weights all-gathered after the step: at once, or with ``overlap_param_gather``
+    bucket by bucket in the next forward pass (``gather_weights`` completes it before a pass that is not a training
+    step's)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
         use_distributed_optimizer=distributed_optimizer, overlap_param_gather=overlap_param_gather,
     )
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)
+    stages = config.virtual_pipeline_model_parallel_size
+    chunks = [
+        # As Megatron-LM: only the first chunk is bucketed (the later chunks' reduces start in the schedule)
+        DistributedDataParallel(config=config, ddp_config=ddp_config, disable_bucketing=index > 0,
+                                module=build_gpt(model=model, config=config, vocab_size=vocab_size, device=device,
+                                                 vp_stage=index if stages else None))
+        for index in range(stages or 1)
+    ]
     if overlap_grad_reduce:
-        config.no_sync_func = ddp.no_sync
-    return [ddp]
+        if len(chunks) == 1:
+            config.no_sync_func = chunks[0].no_sync
+        else:
+            config.no_sync_func = [chunk.no_sync for chunk in chunks]
+            config.grad_sync_func = [chunk.start_grad_sync for chunk in chunks]
+    return chunks
 
 
 def gather_weights(model_chunks: list[DistributedDataParallel]) -> None:

@@ -165,7 +165,7 @@ class Trainer:
         self.card = pivot_card.card_for_run(cfg, vocab_size=self.unpadded_vocab_size)  # saved with checkpoints
         self.transformer_config = build_transformer_config(
             model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision,
-            recompute=cfg.train.recompute,
+            recompute=cfg.train.recompute, virtual_pipeline=cfg.parallel.virtual_pipeline,
         )
         self.model = build_pivot(
             model=cfg.model, config=self.transformer_config, vocab_size=self.vocab_size, device=ctx.device,
@@ -281,7 +281,7 @@ class Trainer:
         dist.barrier()
 
     def _check_checkpoint_space(self, root: Path) -> None:
-        local = sum(p.numel() for p in self.model[0].parameters())
+        local = sum(p.numel() for chunk in self.model for p in chunk.parameters())
         total = torch.tensor([local], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(total)
         # each data-parallel replica holds the whole model
@@ -329,10 +329,11 @@ class Trainer:
             for chunk in self.model:
                 chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
+        interleaved = len(self.model) > 1  # a virtual pipeline: every chunk's forward_step reads each micro-batch
         return get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(batches),
-            model=self.model[0],
+            data_iterator=[iter(batches) for _ in self.model] if interleaved else iter(batches),
+            model=self.model if interleaved else self.model[0],
             num_microbatches=len(batches),
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.responses_per_row * self.cfg.train.micro_batch_size,  # sequences per micro-batch
@@ -351,7 +352,9 @@ class Trainer:
         """
         size, rank, mbs = self.ctx.data, self.ctx.data_rank, self.cfg.train.micro_batch_size
         total = len(split.dataset)
-        per_rank = math.ceil(math.ceil(total / size) / mbs) * mbs
+        # the interleaved schedule runs micro-batches in groups of PP
+        group = mbs * (self.ctx.pipeline if self.cfg.parallel.virtual_pipeline else 1)
+        per_rank = math.ceil(math.ceil(total / size) / group) * group
         mine = list(range(rank, total, size)) or [0]
         mine += [mine[-1]] * (per_rank - len(mine))
         gather_weights(self.model)
@@ -637,23 +640,10 @@ class Trainer:
         return summary
 
 
-def _refuse_unimplemented(cfg: InfiFPOConfig) -> None:
-    problems = []
-    if cfg.parallel.virtual_pipeline:
-        # Measured: from one checkpoint, PP 2 x VPP 2 gave losses differing from PP 2 after the warm-up micro-batches.
-        problems.append(
-            f"parallel.virtual_pipeline ({cfg.parallel.virtual_pipeline}): the interleaved schedule is not "
-            "supported yet; use null"
-        )
-    if problems:
-        raise ConfigError(problems)
-
-
 def train(cfg: InfiFPOConfig) -> monitoring.RunSummary | None:
     """Entry point used by launch/pretrain_infifpo.py: every process of the job calls it (source ranks return None)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Before any process group exists: a clear message, not a hang.
-    _refuse_unimplemented(cfg)
     validate_layout(cfg, world_size=world_size)
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     if int(os.environ.get("RANK", "0")) in (0, world_size - cfg.sources.num_ranks):  # and the source leader
@@ -665,7 +655,8 @@ def train(cfg: InfiFPOConfig) -> monitoring.RunSummary | None:
             serve_sources(cfg, job=job)
             return None
         ctx = init_parallel(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, seed=cfg.train.seed,
-                            timeout_minutes=cfg.parallel.timeout_minutes, job=job)
+                            timeout_minutes=cfg.parallel.timeout_minutes, job=job,
+                            virtual_pipeline=cfg.parallel.virtual_pipeline)
         return Trainer(cfg, ctx).fit()
     finally:
         destroy_parallel()
