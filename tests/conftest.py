@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import infifpo_mcore  # noqa: F401  (first: its compat.triton_free lets test modules import megatron.core without Triton)
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:

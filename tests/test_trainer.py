@@ -96,6 +96,7 @@ def test_tp1_run_trains(tp1_run):
     assert len({round(m["loss"], 6) for m in tp1_run}) == len(tp1_run)  # the parameters move
 
 
+@pytest.mark.newest_mcore
 def test_tp2_pp2_equals_tp1_from_the_same_checkpoint(small_data, step1_checkpoint, tp1_run, tmp_path):
     metrics = _continue(small_data, step1_checkpoint, tmp_path, nproc=4, tensor=2, pipeline=2)
     _assert_same_losses(metrics, tp1_run, rtol=1e-5)
@@ -119,6 +120,7 @@ def test_save_load_continue_matches_the_uninterrupted_run(small_data, step1_chec
             assert got["eval/loss"] == want["eval/loss"]
 
 
+@pytest.mark.newest_mcore
 def test_distributed_optimizer_at_dp2_equals_dp1_resumes_exactly_and_at_dp1(small_data, step1_checkpoint, tp1_run,
                                                                             tmp_path):
     """DP 2 with Megatron's distributed optimizer on its torch-Adam fallback (compat.torch_adam) and the weight
