@@ -64,7 +64,7 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         # The interleaved schedule's p2p as Megatron-LM sets it: unbatched, each direction in its own group. Batched
         # (Megatron's default), at PP 2 an activation and a gradient travel to the same peer in one batch, posted in
-        # opposite orders by sender and receiver, and arrive swapped (benchmarks/repro_vpp_p2p.py).
+        # opposite orders by sender and receiver, and arrive swapped (docs/repro/vpp_batched_p2p.py).
         overlap_p2p_comm=virtual_pipeline is not None,
         batch_p2p_comm=virtual_pipeline is None,
         params_dtype=dtype,
@@ -167,8 +167,7 @@ def build_pivot(
     (with several chunks, also ``config.grad_sync_func``: the schedule starts each chunk's reduce after its last
     backward). ``distributed_optimizer``: gradients are reduce-scattered instead (each data-parallel rank updates its
     shard of the weights), and the weights all-gathered after the step: at once, or with ``overlap_param_gather``
-    bucket by bucket in the next forward pass (``gather_weights`` completes it before a pass that is not a training
-    step's)."""
+    bucket by bucket in the next forward pass (``gather_weights`` completes it before a save)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
         use_distributed_optimizer=distributed_optimizer, overlap_param_gather=overlap_param_gather,
@@ -192,8 +191,8 @@ def build_pivot(
 
 def gather_weights(model_chunks: list[DistributedDataParallel]) -> None:
     """Completes the distributed optimizer's weight all-gather now, where ``overlap_param_gather`` left it to the next
-    training forward pass (its hooks gather each bucket on first use after ``zero_grad_buffer``): before a forward-only
-    pass or a checkpoint save, which would otherwise read other ranks' shards of the previous step's weights."""
+    forward pass (whose hooks gather each bucket on first use): before a checkpoint save, which would otherwise write
+    other ranks' shares of the weights as they were before the last step."""
     for chunk in model_chunks:
         if chunk.ddp_config.overlap_param_gather:
             chunk.start_param_sync(force_sync=True)

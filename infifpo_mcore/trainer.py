@@ -40,8 +40,8 @@ from infifpo_mcore.data import (PreferenceBatch, PreferenceDataset, ResumableSam
                                 load_preference_dataset, report_skipped_rows, responses_of)
 from infifpo_mcore.memory import (choose_micro_batch_size, device_memory_bytes, estimate_memory_per_rank,
                                   padded_vocab)
-from infifpo_mcore.model import build_pivot, build_transformer_config, gather_weights, params_dtype, \
-    transformer_engine_available
+from infifpo_mcore.model import (build_pivot, build_transformer_config, gather_weights, params_dtype,
+                                 transformer_engine_available)
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, join_job
 from infifpo_mcore.preemption import StopRequest, signal_name
 from infifpo_mcore.source_group import SCORE_FIELDS, ScoreReceiver, serve_sources
@@ -357,7 +357,6 @@ class Trainer:
         per_rank = math.ceil(math.ceil(total / size) / group) * group
         mine = list(range(rank, total, size)) or [0]
         mine += [mine[-1]] * (per_rank - len(mine))
-        gather_weights(self.model)
         for chunk in self.model:
             chunk.eval()
         with torch.no_grad():
