@@ -63,6 +63,9 @@ SHAPES = {
     # CPU proof runs: seconds per step on 2 cores
     "tiny": ModelShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
                        vocab_size=32000),
+    # CPU, where per-token compute rather than the vocabulary's fixed costs should dominate: about a second per step
+    "small": ModelShape(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=704,
+                        vocab_size=32000),
     # HuggingFaceTB/SmolLM2-135M
     "smollm2-135m": ModelShape(num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
                                ffn_hidden_size=1536, vocab_size=49152),
@@ -103,30 +106,60 @@ def _text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
+def _fitting_words(tokenizer, *, prompt: str, words: list[str], tokens: int) -> list[str]:
+    """The longest prefix of ``words`` whose response tokens fit after the prompt's in ``tokens``."""
+    room = tokens - len(tokenizer.encode_prompt([{"role": "user", "content": prompt}]))
+    low, high = 0, len(words)  # binary search: a longer prefix never has fewer tokens
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(tokenizer.encode_response(" ".join(words[:middle]))) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    if low == 0:
+        raise ValueError(f"a prompt of {tokens - room} tokens leaves no room for a response in {tokens}")
+    return words[:low]
+
+
 def write_preference_data(path: Path, *, rows: int, prompt_words: int, response_words: int, num_sources: int = 0,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, fill_tokens: int | None = None) -> Path:
     """``rows`` TRL-style rows of random common English words, with cached pivot-init scores (``ref_*``) and, when
     ``num_sources`` > 0, cached source scores (``fuse_*``), so that no run scores anything before its first step.
 
-    The words are mostly one sentencepiece token each, so ``response_words`` >= seq_length makes every sequence fill
-    ``model.seq_length`` after the trainer's truncation: real tokens = padded tokens, and tokens/s means compute.
-    Scores are plausible random log-probs (about -1 to -3 nat per word); they steer the loss, not the speed.
+    ``fill_tokens`` (the run's ``model.seq_length``): each response is cut to the words whose tokens fit after the
+    prompt, as the trainer tokenises them (``PIVOT_TOKENIZER``, plain template; the words are mostly one token each,
+    so give ``response_words`` >= ``fill_tokens``). Every sequence then fills the sequence length within a token or
+    two (real tokens ~ padded tokens: tokens/s means compute) while no response is cut by the trainer, which refuses
+    that where cached scores describe the whole response. Scores are plausible random log-probs (about -1 to -3 nat
+    per word); they steer the loss, not the speed.
     """
     rng = random.Random(seed)
+    tokenizer = None
+    if fill_tokens is not None:
+        from infifpo_mcore.tokenization import build_tokenizer
+
+        settings = dict(override.removeprefix("tokenizer.").split("=", 1) for override in PIVOT_TOKENIZER)
+        tokenizer = build_tokenizer(**settings, chat_template="plain")
 
     def scores(count: int) -> tuple[float, float]:
         total = -sum(rng.uniform(1.0, 3.0) for _ in range(count))
         return total, total / count
 
+    def response(prompt: str) -> str:
+        words = [rng.choice(_WORDS) for _ in range(response_words)]
+        if tokenizer is not None:
+            words = _fitting_words(tokenizer, prompt=prompt, words=words, tokens=fill_tokens)
+        return " ".join(words)
+
     with path.open("w", encoding="utf-8") as file:
         for index in range(rows):
-            row = {"id": f"row{index}", "prompt": _text(rng, prompt_words), "chosen": _text(rng, response_words),
-                   "rejected": _text(rng, response_words)}
-            (row["ref_chosen_logps"], row["ref_mean_chosen_logps"]) = scores(response_words)
-            (row["ref_rejected_logps"], row["ref_mean_rejected_logps"]) = scores(response_words)
+            prompt = _text(rng, prompt_words)
+            row = {"id": f"row{index}", "prompt": prompt, "chosen": response(prompt), "rejected": response(prompt)}
+            for kind in ("chosen", "rejected"):
+                (row[f"ref_{kind}_logps"], row[f"ref_mean_{kind}_logps"]) = scores(len(row[kind].split()))
             if num_sources:
-                chosen = [scores(response_words) for _ in range(num_sources)]
-                rejected = [scores(response_words) for _ in range(num_sources)]
+                chosen = [scores(len(row["chosen"].split())) for _ in range(num_sources)]
+                rejected = [scores(len(row["rejected"].split())) for _ in range(num_sources)]
                 row["fuse_chosen_logps"], row["fuse_mean_chosen_logps"] = map(list, zip(*chosen))
                 row["fuse_rejected_logps"], row["fuse_mean_rejected_logps"] = map(list, zip(*rejected))
             file.write(json.dumps(row) + "\n")

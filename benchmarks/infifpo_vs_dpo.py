@@ -25,7 +25,8 @@ def measure(args: argparse.Namespace) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = common.write_preference_data(
         args.workdir / "pairs.jsonl", rows=max(args.global_batch_size * args.steps, 8),
-        prompt_words=args.seq_length // 4, response_words=args.seq_length, num_sources=args.num_sources)
+        prompt_words=args.seq_length // 4, response_words=args.seq_length, fill_tokens=args.seq_length,
+        num_sources=args.num_sources)
     steps = {loss: [] for loss in LOSSES}
     for repeat in range(args.repeats):
         for loss in LOSSES:

@@ -78,7 +78,7 @@ def measure(args: argparse.Namespace) -> dict:
     # The same rows twice: with cached source scores (offline) and without them (online refuses fuse_* data).
     cached = common.write_preference_data(args.workdir / "cached.jsonl", rows=rows_needed,
                                           prompt_words=args.seq_length // 4, response_words=args.seq_length,
-                                          num_sources=args.num_sources)
+                                          fill_tokens=args.seq_length, num_sources=args.num_sources)
     plain = args.workdir / "plain.jsonl"
     plain.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if not k.startswith("fuse_")})
                              + "\n" for line in cached.read_text().splitlines()))

@@ -31,7 +31,7 @@ def measure(args: argparse.Namespace) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = common.write_preference_data(
         args.workdir / "pairs.jsonl", rows=max(args.global_batch_size * args.steps, 8),
-        prompt_words=args.seq_length // 4, response_words=args.seq_length)
+        prompt_words=args.seq_length // 4, response_words=args.seq_length, fill_tokens=args.seq_length)
     flops_per_token = monitoring.gpt_flops_per_token(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
         num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,

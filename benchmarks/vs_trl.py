@@ -106,7 +106,7 @@ def measure(args: argparse.Namespace) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = common.write_preference_data(
         args.workdir / "pairs.jsonl", rows=max(args.global_batch_size * args.steps, 8),
-        prompt_words=args.seq_length // 4, response_words=args.seq_length)
+        prompt_words=args.seq_length // 4, response_words=args.seq_length, fill_tokens=args.seq_length)
     ours = run_ours(args, data=data)  # first, in its own processes: its GPU memory is free again for TRL
     trl = run_trl(args, data=data)
     return {"benchmark": "vs_trl", "model": args.model, "shape": vars(common.SHAPES[args.model]),

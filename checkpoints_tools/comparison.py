@@ -27,6 +27,18 @@ class Comparison:
     max_abs_logprob_delta: float  # per token: log p(next token), both models
     mean_abs_logprob_delta: float
     tokens: int
+    next_tokens: int = 0  # positions whose next token is compared (the mean's denominator)
+
+    @staticmethod
+    def combine(results: list[Comparison]) -> Comparison:
+        """One comparison over the sequences of several (e.g. one sequence each)."""
+        next_tokens = sum(result.next_tokens for result in results)
+        return Comparison(
+            max_abs_logit_delta=max(result.max_abs_logit_delta for result in results),
+            max_abs_logprob_delta=max(result.max_abs_logprob_delta for result in results),
+            mean_abs_logprob_delta=sum(result.mean_abs_logprob_delta * result.next_tokens for result in results)
+            / max(next_tokens, 1),
+            tokens=sum(result.tokens for result in results), next_tokens=next_tokens)
 
     def format(self) -> str:
         return (f"max |delta logit| {self.max_abs_logit_delta:.3e}, log-prob per token: "
@@ -66,29 +78,44 @@ def megatron_logits(model_chunks, *, tokens: torch.Tensor, vocab_size: int,
     return torch.cat(shards, dim=-1)[..., :vocab_size].cpu()
 
 
-def hf_logits(hf_dir: Path, *, tokens: torch.Tensor) -> torch.Tensor:
-    """HF transformers' logits [B, S, V] in fp32."""
+def hf_model(hf_dir: Path):
+    """HF transformers' model of `hf_dir`, fp32, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def hf_logits(hf_dir: Path | torch.nn.Module, *, tokens: torch.Tensor) -> torch.Tensor:
+    """HF transformers' logits [B, S, V] in fp32 (`hf_dir`: a model directory, or the model of ``hf_model``)."""
+    model = hf_model(hf_dir) if isinstance(hf_dir, Path) else hf_dir
     with torch.no_grad():
         return model(tokens).logits.float()
 
 
-def compare(*, reference: torch.Tensor, ours: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> Comparison:
-    """Both [B, S, V]; only positions < lengths count, log-probs of the actual next token."""
+def compare(*, reference: torch.Tensor, ours: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+            chunk: int = 128) -> Comparison:
+    """Both [B, S, V]; only positions < lengths count, log-probs of the actual next token. Computed `chunk`
+    positions at a time: a 262k-token vocabulary (Gemma) makes each [B, S, V] copy gigabytes."""
     if reference.shape != ours.shape:
         raise ValueError(f"logits shapes differ: HF {tuple(reference.shape)} vs pivot {tuple(ours.shape)}")
     real = torch.arange(tokens.shape[1]) < lengths[:, None]  # [B, S]
-    logit_delta = (reference - ours).abs().amax(-1)[real]
-    has_next = real[:, 1:] & (torch.arange(1, tokens.shape[1]) < lengths[:, None])
-    next_ids = tokens[:, 1:, None]
-    logps = [logits[:, :-1].log_softmax(-1).gather(-1, next_ids).squeeze(-1) for logits in (reference, ours)]
-    logp_delta = (logps[0] - logps[1]).abs()[has_next]
-    return Comparison(max_abs_logit_delta=logit_delta.max().item(),
-                      max_abs_logprob_delta=logp_delta.max().item() if logp_delta.numel() else 0.0,
-                      mean_abs_logprob_delta=logp_delta.mean().item() if logp_delta.numel() else 0.0,
-                      tokens=int(real.sum()))
+    has_next = real & (torch.arange(1, tokens.shape[1] + 1) < lengths[:, None])  # position s predicts s + 1
+    logit_max, logp_max, logp_sum = 0.0, 0.0, 0.0
+    for start in range(0, tokens.shape[1], chunk):
+        window = slice(start, start + chunk)
+        logit_delta = (reference[:, window] - ours[:, window]).abs().amax(-1)[real[:, window]]
+        logit_max = max(logit_max, logit_delta.max().item() if logit_delta.numel() else 0.0)
+        next_ids = tokens[:, start + 1: start + chunk + 1, None]
+        width = next_ids.shape[1]  # the last chunk's last position has no next token
+        logps = [logits[:, start: start + width].log_softmax(-1).gather(-1, next_ids).squeeze(-1)
+                 for logits in (reference, ours)]
+        logp_delta = (logps[0] - logps[1]).abs()[has_next[:, start: start + width]]
+        if logp_delta.numel():
+            logp_max, logp_sum = max(logp_max, logp_delta.max().item()), logp_sum + logp_delta.sum().item()
+    next_tokens = int(has_next.sum())
+    return Comparison(max_abs_logit_delta=logit_max, max_abs_logprob_delta=logp_max,
+                      mean_abs_logprob_delta=logp_sum / max(next_tokens, 1), tokens=int(real.sum()),
+                      next_tokens=next_tokens)
 
 
 DEFAULT_PROMPTS = [

@@ -9,10 +9,14 @@ Megatron's layer tensors (local and TE specs name them alike)::
     decoder.layers.{}.self_attention.linear_qkv.bias              [G * (Q/G + 2) * D]     (add_qkv_bias)
     decoder.layers.{}.self_attention.linear_proj.weight           [H, Q * D]
     decoder.layers.{}.pre_mlp_layernorm.weight                    [H]
-    decoder.layers.{}.mlp.linear_fc1.weight                       [2 * F, H]  SwiGLU: [gate; up]
+    decoder.layers.{}.mlp.linear_fc1.weight                       [2 * F, H]  gated (SwiGLU, GeGLU): [gate; up]
     decoder.layers.{}.mlp.linear_fc2.weight                       [H, F]
     decoder.final_layernorm.weight                                [H]
     output_layer.weight                                           [V_padded, H]  (absent with tied embeddings)
+
+Qwen3 and Gemma 3 add ``self_attention.{q,k}_layernorm.weight`` [D]; Gemma 3 also
+``self_attention.linear_proj.post_layernorm.weight`` and ``mlp.linear_fc2.post_layernorm.weight`` [H] (its norms
+of the attention and MLP outputs), its norm weights w applied as (1 + w), stored as HF stores them.
 
 HF keeps q/k/v either apart (Llama, Qwen2, Mistral: ``q_proj``, ``k_proj``, ``v_proj``) or fused as one
 ``qkv_proj`` = [all q; all k; all v] (Phi-3); likewise gate/up apart or fused as ``gate_up_proj`` = [gate; up].
@@ -61,11 +65,32 @@ class Family:
     one_to_one: dict[str, str] = field(default_factory=lambda: dict(_COMMON))
 
 
+# Query / key RMSNorms (Qwen3, Gemma 3), one [D] weight shared by the heads.
+_QK_NORMS = {
+    "decoder.layers.{}.self_attention.q_layernorm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "decoder.layers.{}.self_attention.k_layernorm.weight": "model.layers.{}.self_attn.k_norm.weight",
+}
+# Gemma 3: four norms per layer. HF's post_attention_layernorm is the norm of the attention output here (Llama's
+# name for the pre-MLP norm); the post-norms live inside the output projections of infifpo_mcore/layer_spec.py.
+_GEMMA3 = {
+    "decoder.layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "decoder.layers.{}.self_attention.linear_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "decoder.layers.{}.self_attention.linear_proj.post_layernorm.weight":
+        "model.layers.{}.post_attention_layernorm.weight",
+    "decoder.layers.{}.pre_mlp_layernorm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "decoder.layers.{}.mlp.linear_fc2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "decoder.layers.{}.mlp.linear_fc2.post_layernorm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    **_QK_NORMS,
+}
+
 FAMILIES = {
     "llama": Family(name="llama", architecture="LlamaForCausalLM"),
     "qwen2": Family(name="qwen2", architecture="Qwen2ForCausalLM"),
+    "qwen3": Family(name="qwen3", architecture="Qwen3ForCausalLM", one_to_one=_COMMON | _QK_NORMS),
     "mistral": Family(name="mistral", architecture="MistralForCausalLM"),
     "phi3": Family(name="phi3", architecture="Phi3ForCausalLM", fused_qkv=True, fused_gate_up=True),
+    "gemma3_text": Family(name="gemma3_text", architecture="Gemma3ForCausalLM", one_to_one=_GEMMA3),
 }
 
 

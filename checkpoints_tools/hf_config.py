@@ -2,8 +2,9 @@
 
 The HF config is read through transformers' own config class, so defaults and legacy spellings (``rope_theta`` /
 ``rope_scaling`` before transformers 5, ``rope_parameters`` after) resolve exactly as the HF model resolves them.
-Whatever the pivot (Megatron-Core GPTModel: pre-RMSNorm, SwiGLU, full causal attention, RoPE with one base)
-cannot compute identically is refused with the field's name; nothing is approximated.
+Whatever the pivot (Megatron-Core GPTModel: RMSNorm, gated MLP, causal attention with an optional sliding window,
+RoPE plain or linear / llama3-scaled; Gemma 3's layer through ``infifpo_mcore/layer_spec.py``) cannot compute
+identically is refused with the field's name; nothing is approximated.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from infifpo_mcore.config import Activation, ModelConfig, Normalization
+from infifpo_mcore.config import Activation, ModelConfig, Normalization, RopeScaling
 from checkpoints_tools.families import FAMILIES, Family
 
 
@@ -22,19 +23,9 @@ class ConversionError(ValueError):
 
 
 SUPPORTED = ", ".join(f"{name} ({family.architecture})" for name, family in FAMILIES.items())
-# What Gemma-3's text decoder computes that the pivot's GPT layer cannot (Megatron-Core's local and TE GPT specs).
-GEMMA3_UNSUPPORTED = [
-    "the embedding output multiplied by sqrt(hidden_size)",
-    "post-attention and post-feed-forward RMSNorms inside every layer (post_attention_layernorm, "
-    "post_feedforward_layernorm: 4 norms per layer, the GPT layer has 2)",
-    "sliding-window layers (layer_types 'sliding_attention', sliding_window) with their own rotary base "
-    "(rope_local_base_freq) beside global layers: one model has one rotary base",
-]
-# Also Gemma-3, expressible in Megatron-Core but not wired into the pivot's config: listed so the gap is complete.
-GEMMA3_ALSO_NEEDED = ["head_dim != hidden_size / num_attention_heads", "attention scale 1/sqrt(query_pre_attn_scalar)",
-                      "GeGLU with tanh-approximated gelu", "RMSNorm on queries and keys", "RMSNorm weights as (1 + w)"]
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_REFUSED_TYPES = {"gemma3_text": "Gemma-3", "gemma3": "Gemma-3"}
+_REFUSED_TYPES = {"gemma3": "Gemma-3 with its vision tower (Gemma3ForConditionalGeneration): convert a text-only "
+                            "Gemma3ForCausalLM (model_type gemma3_text, e.g. Gemma-3-270M / 1B)"}
 # Every config.json key that changes the computation and has a neutral value the pivot equals: (key, neutral values).
 _NEUTRAL = [
     ("attention_bias", (False, None)),
@@ -45,7 +36,25 @@ _NEUTRAL = [
     ("embedding_multiplier", (None, 1, 1.0)),
     ("residual_multiplier", (None, 1, 1.0)),
     ("attention_multiplier", (None,)),
+    ("use_bidirectional_attention", (False, None)),
 ]
+# HF activation (hidden_act, or Gemma's hidden_activation) -> the pivot's gated MLP
+_ACTIVATIONS = {"silu": Activation.swiglu, "gelu_pytorch_tanh": Activation.geglu_tanh}
+_ROPE_TYPES = {"default": RopeScaling.none, "linear": RopeScaling.linear, "llama3": RopeScaling.llama3}
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def _gemma3_fields(config) -> dict[str, Any]:
+    return dict(scale_embeddings=True, zero_centered_norms=True, post_norms=True, qk_layernorm=True,
+                softmax_scale=config.query_pre_attn_scalar ** -0.5)
+
+
+# What a family computes beyond the common decoder (GQA, RMSNorm, gated MLP, RoPE, tied or untied embeddings).
+_FAMILY_FIELDS = {
+    "qwen2": lambda config: dict(add_qkv_bias=True),  # q/k/v projections always carry a bias, o_proj none
+    "qwen3": lambda config: dict(qk_layernorm=True),
+    "gemma3_text": _gemma3_fields,
+}
 
 
 def stable_vocab_multiple(vocab_size: int) -> int:
@@ -81,34 +90,69 @@ def _hf_config_object(raw: dict[str, Any], source: str):
         raise ConversionError(f"{source}: transformers cannot read this config: {error}") from None
 
 
-def _rope(config) -> dict[str, Any]:
-    """rope_type, rope_theta and partial_rotary_factor, wherever this transformers version keeps them."""
+def _rope_parameters(config, layer_type: str) -> dict[str, Any]:
+    """The RoPE settings of `layer_type` layers, wherever this transformers version keeps them (``rope_parameters``,
+    per layer type for Gemma 3, since transformers 5; ``rope_theta`` / ``rope_scaling`` / ``rope_local_base_freq``
+    before)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
-    scaling = dict(getattr(config, "rope_scaling", None) or {})  # transformers < 5
-    return {
-        "rope_type": params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default",
-        "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", None)),
-        "partial_rotary_factor": params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)),
-    }
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    elif layer_type == "sliding_attention" and getattr(config, "rope_local_base_freq", None) is not None:
+        return {"rope_type": "default", "rope_theta": config.rope_local_base_freq}  # transformers < 5, unscaled
+    else:
+        params.update(dict(getattr(config, "rope_scaling", None) or {}))  # transformers < 5
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    params.setdefault("rope_theta", getattr(config, "rope_theta", None))
+    params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    return params
 
 
-def _refuse_gemma3(raw: dict[str, Any], source: str) -> None:
-    raise ConversionError(
-        f"{source}: model_type {raw['model_type']!r} ({_REFUSED_TYPES[raw['model_type']]}) is not supported: the "
-        "pivot's Megatron-Core GPT layer cannot express " + "; ".join(GEMMA3_UNSUPPORTED)
-        + f". (It would also need: {', '.join(GEMMA3_ALSO_NEEDED)}.) Supported: {SUPPORTED}"
-    )
+def _rope_fields(config, *, windowed: bool, problems: list[str]) -> dict[str, Any]:
+    """rotary_base, the RoPE scaling of full-attention layers and the base of sliding-window ones."""
+    rope = _rope_parameters(config, "full_attention")
+    fields: dict[str, Any] = {"rotary_base": float(rope["rope_theta"])}
+    scaling = _ROPE_TYPES.get(rope["rope_type"])
+    if scaling is None:
+        problems.append(f"rope scaling type {rope['rope_type']!r} (rope_parameters / rope_scaling; supported: "
+                        f"{', '.join(_ROPE_TYPES)})")
+    elif scaling != RopeScaling.none:
+        fields.update(rope_scaling=scaling, rope_scaling_factor=float(rope["factor"]))
+    if scaling == RopeScaling.llama3:
+        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]),
+                      rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    if rope["partial_rotary_factor"] not in (None, 1, 1.0):
+        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} (the pivot rotates whole heads)")
+    local = _rope_parameters(config, "sliding_attention")
+    if windowed and (local["rope_theta"] != rope["rope_theta"] or scaling != RopeScaling.none):
+        if local["rope_type"] != "default":
+            problems.append(f"rope scaling type {local['rope_type']!r} in sliding-window layers (the pivot scales "
+                            "only the full-attention layers' RoPE)")
+        fields["local_rotary_base"] = float(local["rope_theta"])
+    return fields
+
+
+def _window_fields(config, *, num_layers: int, limit: int, problems: list[str]) -> dict[str, Any]:
+    """sliding_window and window_layers: HF's window in the layers its layer_types mark (all when it has none)."""
+    layer_types = getattr(config, "layer_types", None)  # None: the window (if any) is in every layer
+    if layer_types is not None and (set(layer_types) - _LAYER_TYPES or len(layer_types) != num_layers):
+        problems.append(f"layer_types {layer_types} (the pivot has one of {sorted(_LAYER_TYPES)} per layer)")
+        return {}
+    window = getattr(config, "sliding_window", None)
+    if not getattr(config, "use_sliding_window", True):  # Qwen2/3 keep a window that only this turns on
+        window = None
+    windowed = None if layer_types is None else [kind == "sliding_attention" for kind in layer_types]
+    if window is None or window >= limit or (windowed is not None and not any(windowed)):
+        return {}  # no layer's window is ever shorter than a sequence the pivot accepts
+    return {"sliding_window": int(window), "window_layers": None if windowed is None or all(windowed) else windowed}
 
 
 def derive_pivot(*, hf_config: dict[str, Any], source: str) -> tuple[Family, ModelConfig]:
-    """The family adapter and the pivot's ModelConfig for this HF config; `source` names the file in messages.
-
-    ``max_position_embeddings`` is HF's, lowered to an active sliding window (the pivot attends to the whole
-    sequence, which equals windowed attention only while the sequence fits in the window).
-    """
+    """The family adapter and the pivot's ModelConfig for this HF config; `source` names the file in messages."""
     model_type = hf_config.get("model_type")
     if model_type in _REFUSED_TYPES:
-        _refuse_gemma3(hf_config, source)
+        raise ConversionError(f"{source}: model_type {model_type!r} is not supported: {_REFUSED_TYPES[model_type]}. "
+                              f"Supported: {SUPPORTED}")
     if model_type not in FAMILIES:
         raise ConversionError(f"{source}: model_type {model_type!r} is not supported; supported: {SUPPORTED}")
     family = FAMILIES[model_type]
@@ -124,35 +168,20 @@ def derive_pivot(*, hf_config: dict[str, Any], source: str) -> tuple[Family, Mod
     for key, neutral in _NEUTRAL:
         if hf_config.get(key) not in neutral:
             problems.append(f"{key}={hf_config[key]!r} (the pivot has no such term; supported: {neutral[0]!r})")
-    hidden, heads = config.hidden_size, config.num_attention_heads
+    hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
     groups = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    if head_dim * heads != hidden:
-        problems.append(f"head_dim={head_dim} with hidden_size={hidden} and num_attention_heads={heads} "
-                        f"(the pivot's head size is hidden_size / num_attention_heads = {hidden / heads:g})")
-    if config.hidden_act != "silu":
-        problems.append(f"hidden_act={config.hidden_act!r} (the pivot's gated MLP is SwiGLU: 'silu')")
-    rope = _rope(config)
-    if rope["rope_type"] != "default":
-        problems.append(f"rope scaling type {rope['rope_type']!r} (rope_parameters / rope_scaling; the pivot "
-                        "applies plain RoPE)")
-    if rope["partial_rotary_factor"] not in (None, 1, 1.0):
-        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} (the pivot rotates whole heads)")
+    act = getattr(config, "hidden_activation", None) or config.hidden_act
+    if act not in _ACTIVATIONS:
+        problems.append(f"hidden_act={act!r} (the pivot's gated MLP takes {', '.join(map(repr, _ACTIVATIONS))})")
     limit = config.max_position_embeddings
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if layer_types - {"full_attention", "sliding_attention"}:
-        problems.append(f"layer_types {sorted(layer_types)} (the pivot has causal full attention only)")
-    window = getattr(config, "sliding_window", None)
-    # Qwen2 keeps a sliding_window in every config but applies it only where use_sliding_window turns it on.
-    window_active = model_type != "qwen2" or "sliding_attention" in layer_types or bool(
-        getattr(config, "use_sliding_window", False))
-    if window is not None and window_active and window < limit:
-        limit = window
+    window = _window_fields(config, num_layers=layers, limit=limit, problems=problems)
+    rope = _rope_fields(config, windowed=bool(window), problems=problems)
     if problems:
         raise ConversionError(f"{source}: the converter cannot honour: " + "; ".join(problems))
     vocab = config.vocab_size
     model = ModelConfig(
-        num_layers=config.num_hidden_layers,
+        num_layers=layers,
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=groups,
@@ -160,14 +189,14 @@ def derive_pivot(*, hf_config: dict[str, Any], source: str) -> tuple[Family, Mod
         vocab_size=vocab,
         seq_length=limit,
         normalization=Normalization.RMSNorm,
-        activation=Activation.swiglu,
-        rotary_base=float(rope["rope_theta"]),
+        activation=_ACTIVATIONS[act],
         tie_embeddings=bool(config.tie_word_embeddings),
         init_method_std=float(getattr(config, "initializer_range", 0.02)),
         make_vocab_size_divisible_by=stable_vocab_multiple(vocab),
-        add_qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias, o_proj none
         norm_epsilon=float(config.rms_norm_eps),
         max_position_embeddings=limit,
+        kv_channels=head_dim if head_dim * heads != hidden else None,
+        **rope, **window, **_FAMILY_FIELDS.get(model_type, lambda _: {})(config),
     )
     return family, model
 
@@ -186,25 +215,58 @@ def check_unchanged(*, model: ModelConfig, hf_config: dict[str, Any], source: st
     return family
 
 
-def llama_config_for(model: ModelConfig, *, vocab_size: int) -> tuple[Family, dict[str, Any]]:
-    """An HF config for a pivot that did not come from HF (e.g. trained from scratch): Llama, or Qwen2 with a QKV
-    bias. Refused when the pivot's shape has no HF Llama counterpart."""
-    from transformers import LlamaConfig, Qwen2Config
+# Pivot fields no generated config expresses (a pivot with Gemma's layer comes from a Gemma config.json it keeps)
+_NO_GENERATED_COUNTERPART = ("scale_embeddings", "zero_centered_norms", "post_norms", "local_rotary_base",
+                             "softmax_scale", "window_layers")
 
+
+def _generated_class(model: ModelConfig) -> str:
+    """The HF family a pivot made here exports as: Qwen2 (QKV bias), Qwen3 (q/k norms), Mistral (a sliding window in
+    every layer) or Llama."""
+    if model.add_qkv_bias and model.qk_layernorm:
+        raise ConversionError("model.add_qkv_bias with model.qk_layernorm: no HF family here has both")
+    if model.sliding_window is not None and (model.add_qkv_bias or model.qk_layernorm):
+        raise ConversionError("model.sliding_window with model.add_qkv_bias / model.qk_layernorm: only a Mistral "
+                              "(neither) is generated with a window")
+    if model.add_qkv_bias:
+        return "qwen2"
+    if model.qk_layernorm:
+        return "qwen3"
+    return "mistral" if model.sliding_window is not None else "llama"
+
+
+def llama_config_for(model: ModelConfig, *, vocab_size: int) -> tuple[Family, dict[str, Any]]:
+    """An HF config for a pivot that did not come from HF (e.g. trained from scratch): Llama, or Qwen2 / Qwen3 /
+    Mistral where the pivot has their feature (``_generated_class``), with its head size and RoPE scaling. Refused
+    when the pivot's shape has no such counterpart."""
+    import transformers
+
+    refused = [f"model.{key}={getattr(model, key)!r}" for key in _NO_GENERATED_COUNTERPART
+               if getattr(model, key) not in (None, False)]
     if model.normalization != Normalization.RMSNorm or model.activation != Activation.swiglu:
-        raise ConversionError(f"model.normalization={model.normalization}, model.activation={model.activation}: only "
-                              "the Llama shape (RMSNorm, swiglu) has an HF counterpart here")
-    config_class = Qwen2Config if model.add_qkv_bias else LlamaConfig
+        refused.insert(0, f"model.normalization={model.normalization}, model.activation={model.activation}")
+    if refused:
+        raise ConversionError(f"{', '.join(refused)}: only the Llama shape (RMSNorm, swiglu; q/k norms, QKV bias, a "
+                              "sliding window, RoPE scaling) has a generated HF counterpart here")
+    name = _generated_class(model)
+    family = FAMILIES[name]
+    config_class = getattr(transformers, family.architecture.replace("ForCausalLM", "Config"))
+    rope = {"rope_type": "default", "rope_theta": model.rotary_base}
+    if model.rope_scaling != RopeScaling.none:
+        rope.update(rope_type=str(model.rope_scaling), factor=model.rope_scaling_factor)
+    if model.rope_scaling == RopeScaling.llama3:
+        rope.update(low_freq_factor=model.rope_low_freq_factor, high_freq_factor=model.rope_high_freq_factor,
+                    original_max_position_embeddings=model.rope_original_max_position_embeddings)
     config = config_class(
         vocab_size=vocab_size, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
         num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.num_query_groups, rms_norm_eps=model.norm_epsilon,
         max_position_embeddings=model.max_position_embeddings or model.seq_length,
-        tie_word_embeddings=model.tie_embeddings, initializer_range=model.init_method_std,
-        rope_theta=model.rotary_base,
+        tie_word_embeddings=model.tie_embeddings, initializer_range=model.init_method_std, rope_parameters=rope,
+        head_dim=model.kv_channels or model.hidden_size // model.num_attention_heads,
+        **({"sliding_window": model.sliding_window} if name == "mistral" else {}),
     )
-    config.architectures = [config_class.__name__.replace("Config", "ForCausalLM")]
-    family = FAMILIES["qwen2" if model.add_qkv_bias else "llama"]
+    config.architectures = [family.architecture]
     raw = config.to_dict()
     check_unchanged(model=replace(model, vocab_size=vocab_size,
                                   make_vocab_size_divisible_by=stable_vocab_multiple(vocab_size),

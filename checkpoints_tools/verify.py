@@ -20,24 +20,32 @@ from megatron.core import parallel_state  # noqa: E402
 from infifpo_mcore.checkpointing import CheckpointError  # noqa: E402
 from infifpo_mcore.config import ConfigError  # noqa: E402
 from infifpo_mcore.parallel import destroy_parallel  # noqa: E402
-from checkpoints_tools.comparison import (DEFAULT_PROMPTS, compare, hf_logits, megatron_logits,  # noqa: E402
-                                          padded_batch, prompt_sequences)
+from checkpoints_tools.comparison import (DEFAULT_PROMPTS, Comparison, compare, hf_logits,  # noqa: E402
+                                          hf_model, megatron_logits, padded_batch, prompt_sequences)
 from checkpoints_tools.conversion import load_pivot, start_process_group  # noqa: E402
 from checkpoints_tools.hf_config import ConversionError  # noqa: E402
 
 
 def verify(args, ctx):
-    """The comparison on the rank that holds it (last stage, TP rank 0), None on the others."""
+    """The comparison on the rank that holds it (last stage, TP rank 0), None on the others. One prompt at a time:
+    the [S, V] logits of a long prompt with a large vocabulary (Gemma's 262k) are gigabytes already."""
     chunks, card, _ = load_pivot(ckpt=args.ckpt, ctx=ctx)
     vocab = card.model.vocab_size
     prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else DEFAULT_PROMPTS
     sequences, origin = prompt_sequences(hf_dir=args.hf, prompts=[p for p in prompts if p.strip()], vocab_size=vocab)
-    tokens, lengths = padded_batch(sequences)
-    ours = megatron_logits(chunks, tokens=tokens, vocab_size=vocab, ctx=ctx)
-    if ours is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+    holds_result = ctx.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+    reference = hf_model(args.hf) if holds_result else None
+    results = []
+    for sequence in sequences:
+        tokens, lengths = padded_batch([sequence])
+        ours = megatron_logits(chunks, tokens=tokens, vocab_size=vocab, ctx=ctx)
+        if holds_result:
+            results.append(compare(reference=hf_logits(reference, tokens=tokens), ours=ours, tokens=tokens,
+                                   lengths=lengths))
+    if not holds_result:
         return None
     print(f"{len(sequences)} prompts, tokens from {origin}; pivot at TP {ctx.tensor} x PP {ctx.pipeline}")
-    return compare(reference=hf_logits(args.hf, tokens=tokens), ours=ours, tokens=tokens, lengths=lengths)
+    return Comparison.combine(results)
 
 
 def main() -> int:

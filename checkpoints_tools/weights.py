@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from infifpo_mcore.config import ModelConfig
+from infifpo_mcore.config import ModelConfig, head_dim
 from checkpoints_tools.families import (HF_EMBEDDING, HF_OUTPUT, MEGATRON_EMBEDDING, MEGATRON_FC1, MEGATRON_OUTPUT,
                                         MEGATRON_QKV, HF_FUSED_GATE_UP, HF_FUSED_QKV, HF_SPLIT_GATE_UP, HF_SPLIT_QKV,
                                         AttentionShape, Family, qkv_from_megatron, qkv_to_megatron, split_fused_qkv)
@@ -25,8 +25,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def attention_shape(model: ModelConfig) -> AttentionShape:
-    return AttentionShape(heads=model.num_attention_heads, groups=model.num_query_groups,
-                          head_dim=model.hidden_size // model.num_attention_heads)
+    return AttentionShape(heads=model.num_attention_heads, groups=model.num_query_groups, head_dim=head_dim(model))
 
 
 def _qkv_kinds(model: ModelConfig) -> tuple[str, ...]:

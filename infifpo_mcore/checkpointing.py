@@ -4,13 +4,16 @@ Layout of a checkpoint root::
 
     <root>/iter_0000010/        dist_checkpointing directory (model, optimizer) + train_state.json
                                 + rng/tp{t}_pp{p}_dp{d}.safetensors (each rank's generator states)
-                                + pivot_init_scores.safetensors when the trainer computed them itself
+                                + pivot_init_scores.safetensors: the pivot-init scores the trainer computed
+                                  (``references.References.state_dict``)
     <root>/latest               text "iter_0000010", replaced atomically after the directory is complete
 
 Crash safety: a save goes to ``iter_XXXXXXX.tmp``; when every rank has finished, rank 0 flushes it to disk, renames
 it and then replaces ``latest``. A process killed at any point leaves ``latest`` naming a complete checkpoint; the
 leftover ``*.tmp`` is never loaded and is removed by the next run (``remove_incomplete``). ``keep_last`` prunes
-older published checkpoints after each save.
+older published checkpoints after each save. A step that fails on one rank (rank 0's publish on a full or read-only
+disk, a rank's own files) raises ``CheckpointError`` on every rank, naming the rank and the error: the ranks agree
+after each step instead of meeting at a barrier the failed rank never reaches.
 
 Untrusted files: torch's distributed checkpoint reader unpickles ``.metadata`` with plain ``pickle`` and the
 non-tensor items of ``*.distcp`` with ``weights_only=False``; ``verify_checkpoint_files`` checks both (and every
@@ -31,7 +34,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
@@ -47,6 +49,7 @@ from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, S
 from megatron.core.distributed import DistributedDataParallel
 from safetensors.torch import load_file, save_file
 
+from infifpo_mcore.atomic_files import STAGING_SUFFIX, fsync_tree, write_atomically
 from infifpo_mcore.config import ConfigError
 from infifpo_mcore.memory import STATE_BYTES, counted_precision
 from infifpo_mcore.rng import capture_rng_state, restore_rng_state
@@ -57,7 +60,6 @@ LATEST = "latest"
 TRAIN_STATE = "train_state.json"
 INIT_SCORES = "pivot_init_scores.safetensors"
 RNG_DIR = "rng"
-STAGING_SUFFIX = ".tmp"
 REPLACED_SUFFIX = ".replaced"
 _ITERATION = re.compile(r"iter_(\d{7})")
 # Megatron's canonical per-parameter optimizer layout: a checkpoint resumes at any TP / PP / DP.
@@ -85,6 +87,19 @@ def check_disk_space(*, root: Path, parameters: int, precision: str) -> None:
         )
 
 
+def prepare_save_root(*, root: Path, model_chunks, data_size: int, precision: str, device: torch.device) -> None:
+    """Collective over the training ranks, before a run's first save to ``root``: what a killed save left there goes
+    (never published, never loaded), and a disk that cannot hold one checkpoint is refused at start."""
+    if dist.get_rank() == 0:
+        for path in remove_incomplete(root):
+            logger.warning("removed %s: a save interrupted before it was published", path)
+    local = sum(p.numel() for chunk in model_chunks for p in chunk.parameters())
+    total = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(total)  # also: rank 0 has cleaned up before any rank saves
+    # each data-parallel replica holds the whole model
+    check_disk_space(root=root, parameters=int(total.item()) // data_size, precision=precision)
+
+
 def iteration_dir(root: Path, step: int) -> Path:
     return root / f"iter_{step:07d}"
 
@@ -110,25 +125,10 @@ def resolve_checkpoint(path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Publishing and cleaning up
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Data reach the disk before the rename publishes them (a node crash must not leave a named empty file)."""
-    for path in sorted(directory.rglob("*"), reverse=True):
-        _fsync(path)
-    _fsync(directory)
-
-
 def _publish(staging: Path, final: Path) -> None:
     """Rank 0: staging -> final, then the ``latest`` pointer (written beside and renamed: atomic)."""
     root = final.parent
-    _fsync_tree(staging)
+    fsync_tree(staging)  # the data reach the disk before the rename publishes them
     latest = root / LATEST
     replaced = final.with_name(final.name + REPLACED_SUFFIX)
     if final.exists():
@@ -139,11 +139,7 @@ def _publish(staging: Path, final: Path) -> None:
         else:
             shutil.rmtree(final)
     staging.rename(final)
-    pointer = root / (LATEST + STAGING_SUFFIX)
-    pointer.write_text(final.name)
-    _fsync(pointer)
-    os.replace(pointer, latest)
-    _fsync(root)
+    write_atomically(latest, final.name)
     shutil.rmtree(replaced, ignore_errors=True)
 
 
@@ -300,6 +296,23 @@ def _layout() -> dict[str, int]:
             "data": parallel_state.get_data_parallel_world_size()}
 
 
+def _together(action: Callable[[], None] | None, *, what: str) -> None:
+    """Collective over the default group: runs this rank's part of a save step (None: it has none), then raises
+    CheckpointError on every rank if any rank's part failed, naming those ranks and their errors."""
+    error = None
+    if action is not None:
+        try:
+            action()
+        except Exception as caught:  # noqa: BLE001 - every failure of the step is reported to every rank
+            logger.exception("%s failed on this rank", what)
+            error = f"{type(caught).__name__}: {caught}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [f"rank {rank}: {message}" for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        raise CheckpointError(f"{what} failed ({'; '.join(failed)})")
+
+
 def save_checkpoint(
     *, root: Path, step: int, model_chunks, optimizer, train_state: dict | None,
     init_scores: dict[str, torch.Tensor] | None, keep_last: int | None = None,
@@ -307,37 +320,45 @@ def save_checkpoint(
 ) -> Path:
     """Collective: every training rank calls it. Returns the published iteration directory.
 
-    ``optimizer`` and ``train_state`` None save the model alone (a converted model); ``write_extra(directory)`` runs
-    on rank 0 before the directory is published (the pivot card).
+    ``optimizer`` and ``train_state`` None save the model alone (a converted model); ``init_scores`` (on the rank
+    that holds them) go to ``INIT_SCORES``; ``write_extra(directory)`` runs on rank 0 before the directory is
+    published (the pivot card).
     """
     final = iteration_dir(root, step)
     staging = final.with_name(final.name + STAGING_SUFFIX)
     rank = dist.get_rank()
-    if rank == 0:
+
+    def make_staging() -> None:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    dist.barrier()
+
+    _together(make_staging if rank == 0 else None, what=f"creating {staging}")
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(staging))
-    if train_state is not None:  # a training run's: with its RNG states and train state, for an exact resume
-        _rng_file(staging).parent.mkdir(exist_ok=True)  # after the save: it wants an empty directory
-        save_file(capture_rng_state(), str(_rng_file(staging)))
-        if rank == 0:
-            (staging / TRAIN_STATE).write_text(
-                json.dumps({**train_state, "layout": _layout()}, indent=1, sort_keys=True))
-    if rank == 0 and write_extra is not None:
-        write_extra(staging)
-    if init_scores is not None:
-        save_file({k: v.contiguous().cpu() for k, v in init_scores.items()}, str(staging / INIT_SCORES))
-    dist.barrier()
-    if rank == 0:
+
+    def write_own_files() -> None:
+        if train_state is not None:  # a training run's: with its RNG states and train state, for an exact resume
+            _rng_file(staging).parent.mkdir(exist_ok=True)  # after the save: it wants an empty directory
+            save_file(capture_rng_state(), str(_rng_file(staging)))
+            if rank == 0:
+                (staging / TRAIN_STATE).write_text(
+                    json.dumps({**train_state, "layout": _layout()}, indent=1, sort_keys=True))
+        if rank == 0 and write_extra is not None:
+            write_extra(staging)
+        if init_scores is not None:
+            save_file({k: v.contiguous().cpu() for k, v in init_scores.items()}, str(staging / INIT_SCORES))
+
+    _together(write_own_files, what=f"writing {staging}")
+
+    def publish() -> None:
         _publish(staging, final)
         if keep_last:
             for path in prune_checkpoints(root, keep_last=keep_last, published=final):
                 logger.info("removed %s (checkpoint.keep_last=%d)", path, keep_last)
-    dist.barrier()
+
+    _together(publish if rank == 0 else None, what=f"publishing {final}")
     return final
 
 

@@ -44,8 +44,16 @@ class Normalization(StrEnum):
 
 
 class Activation(StrEnum):
-    swiglu = "swiglu"
-    gelu = "gelu"
+    swiglu = "swiglu"  # gated: silu(gate) * up
+    gelu = "gelu"  # not gated
+    geglu_tanh = "geglu_tanh"  # gated: gelu(gate, tanh approximation) * up (Gemma's gelu_pytorch_tanh)
+
+
+class RopeScaling(StrEnum):
+    """How RoPE's frequencies are stretched for contexts longer than the base was trained on (HF rope_scaling)."""
+    none = "none"
+    linear = "linear"  # every frequency / factor
+    llama3 = "llama3"  # Llama 3.1: low frequencies / factor, high ones kept, a smooth blend between
 
 
 class TokenizerType(StrEnum):
@@ -82,10 +90,12 @@ class Recompute(StrEnum):
 
 
 class Precision(StrEnum):
+    """The pivot's (train.precision) and each source's; ``resolve_precision`` says what auto means on a device."""
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
-    fp8 = "fp8"  # bf16 weights, FP8 matmuls through Transformer Engine (Megatron's fp8="hybrid", delayed scaling)
+    # bf16 weights, FP8 matmuls through Transformer Engine (the pivot: Megatron's fp8="hybrid", delayed scaling)
+    fp8 = "fp8"
 
 
 class Switch(StrEnum):
@@ -95,16 +105,10 @@ class Switch(StrEnum):
     false = "false"
 
 
-class SourcePrecision(StrEnum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp8 = "fp8"
-
-
 @dataclass
 class ModelConfig:
-    """Shape of the pivot (Llama-style decoder)."""
+    """Shape of the pivot: a Llama-style decoder, with the variations of the families checkpoints_tools converts
+    (head size, q/k norms, RoPE scaling, sliding windows, Gemma 3's layer)."""
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
@@ -120,9 +124,39 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     add_qkv_bias: bool = False  # a bias on the query/key/value projection only (Qwen2)
     norm_epsilon: float = 1e-5
-    # The longest sequence the weights handle exactly (a converted model's position limit, lowered to its sliding
-    # window when that is shorter); None: no limit known. model.seq_length must not exceed it.
+    # The longest sequence the weights were trained for (a converted model's max_position_embeddings); None: no
+    # limit known. model.seq_length must not exceed it.
     max_position_embeddings: int | None = None
+    # The size of each attention head; None: hidden_size / num_attention_heads (Mistral-Nemo, Qwen3, Gemma 3 differ)
+    kv_channels: int | None = None
+    qk_layernorm: bool = False  # an RMSNorm on every query and key head before RoPE (Qwen3, Gemma 3)
+    softmax_scale: float | None = None  # of the attention scores; None: 1 / sqrt(kv_channels)
+    rope_scaling: RopeScaling = RopeScaling.none
+    rope_scaling_factor: float = 1.0  # linear, llama3
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are divided by the factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
+    rope_original_max_position_embeddings: int | None = None  # llama3: the context the rotary base was trained for
+    # Sliding-window attention: a query sees the last sliding_window tokens (itself included), in every layer or in
+    # those window_layers marks true (one entry per layer; the others attend to the whole sequence).
+    sliding_window: int | None = None
+    window_layers: list[bool] | None = None
+    local_rotary_base: float | None = None  # RoPE base of the sliding-window layers (Gemma 3); None: rotary_base
+    # Gemma's layer
+    scale_embeddings: bool = False  # the embedding output multiplied by sqrt(hidden_size)
+    zero_centered_norms: bool = False  # every RMSNorm scales by (1 + weight) (Megatron's layernorm_zero_centered_gamma)
+    post_norms: bool = False  # an RMSNorm on the attention and MLP outputs, before each residual add
+
+
+def head_dim(model: ModelConfig) -> int:
+    """The size of one attention head: ``kv_channels``, or hidden_size / num_attention_heads."""
+    return model.kv_channels or model.hidden_size // model.num_attention_heads
+
+
+
+def needs_own_layer(model: ModelConfig) -> bool:
+    """Whether the pivot needs the layer of ``layer_spec.own_block_spec`` (Gemma's: (1 + w) norms, post-norms, a RoPE
+    base per layer kind), built from Megatron-Core's local modules on every device, rather than Megatron's GPT spec."""
+    return model.zero_centered_norms or model.post_norms or model.local_rotary_base is not None
 
 
 @dataclass
@@ -168,7 +202,7 @@ class SourceConfig:
     path: str = ""  # a HF model directory, or pkg://package/relative/dir inside an installed package
     gguf_file: str | None = None  # a GGUF file in `path` to load (dequantised by transformers) instead of HF weights
     tokenizer: SourceTokenizerConfig = field(default_factory=SourceTokenizerConfig)
-    precision: SourcePrecision = SourcePrecision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
+    precision: Precision = Precision.auto  # auto: bf16 on a CUDA device that supports it, else fp32
     # Shard the model's layers over every rank that scores (the source group online, the torchrun ranks offline)
     # by transformers' tensor-parallel plan: for a source too big for one device
     tensor_parallel: bool = False
@@ -181,6 +215,9 @@ class SourcesConfig:
     output: str | None = None  # the scored dataset launch/score_sources.py writes (or its --out)
     chunk_rows: int = 64  # rows scored between two appends to the score cache: what an interruption can lose
     batch_tokens: int = 4096  # padded tokens per source forward pass
+    # Score a row's chosen and rejected in one sequence, the prompt computed once, where that is exact (attention that
+    # takes a custom mask, sequences within any sliding window, an unsharded source); false: two sequences per row
+    share_prompt: bool = True
     # FP8 sources: rows scored also in bf16 at start, to report the mean / max |delta log-prob| per token (0: off)
     precision_check_rows: int = 16
     # Online: how long the last stage waits for a batch's scores (the first includes loading the source models)
@@ -190,7 +227,8 @@ class SourcesConfig:
 @dataclass
 class LossConfig:
     type: LossType = LossType.infifpo
-    beta: float = 0.1  # for ipo this is tau
+    beta: float = 0.1
+    ipo_tau: float | None = None  # IPO's tau (its margin target is 1 / (2 tau)); null: beta
     length_norm: bool = True
     clip: bool = True
     fusion: Fusion = Fusion.mean
@@ -206,6 +244,16 @@ class DataConfig:
     max_prompt_length: int | None = None  # None: prompts are only limited by model.seq_length
     shuffle: bool = True
     skip_invalid_rows: bool = False  # false: any invalid row stops the run at start; true: skipped, counted, listed
+    # Padding-free micro-batches (packing.py): whole pairs packed into one row of pack_tokens tokens, attention and
+    # positions per sequence. null: on where the layer spec's attention runs it (the local spec: CPU, GPUs without
+    # Transformer Engine, Gemma 3), off on Transformer Engine's (its THD path is not verified yet; true uses it)
+    packing: bool | None = None
+    # Tokens per packed micro-batch; null: train.micro_batch_size x responses per pair x model.seq_length (the
+    # unpacked micro-batch's size). At least responses per pair x model.seq_length, so every pair fits.
+    pack_tokens: int | None = None
+    # Packed pairs hold their prompt once, each response seeing it and itself but not the other response(s);
+    # null: wherever packing is on, but on Transformer Engine (refused there)
+    share_prompt: bool | None = None
 
 
 @dataclass
@@ -394,6 +442,8 @@ def _parse_override(override: str, problems: list[str]) -> dict:
 
 def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     """Checks that need only the config (world-size checks live in `validate_layout`)."""
+    from infifpo_mcore.losses import LOSSES  # here: loading a config should not pay for importing torch elsewhere
+
     problems = []
 
     def get(key: str) -> Any:
@@ -402,9 +452,12 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     positive = ["model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
                 "model.ffn_hidden_size", "model.vocab_size", "model.seq_length", "model.make_vocab_size_divisible_by",
                 "model.rotary_base", "model.init_method_std", "model.norm_epsilon", "model.max_position_embeddings",
+                "model.kv_channels", "model.softmax_scale", "model.rope_scaling_factor", "model.rope_low_freq_factor",
+                "model.rope_high_freq_factor", "model.rope_original_max_position_embeddings", "model.sliding_window",
+                "model.local_rotary_base",
                 "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "train.eval_interval",
-                "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta",
-                "data.max_prompt_length", "train.micro_batch_size",
+                "sources.chunk_rows", "sources.batch_tokens", "sources.timeout_minutes", "loss.beta", "loss.ipo_tau",
+                "data.max_prompt_length", "data.pack_tokens", "train.micro_batch_size",
                 "train.global_batch_size", "train.steps", "train.lr", "checkpoint.save_interval",
                 "checkpoint.keep_last", "train.max_consecutive_bad_steps", "parallel.timeout_minutes",
                 "parallel.ddp_bucket_size"]
@@ -430,8 +483,10 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         if denominator is not None and numerator > 0 and denominator > 0 and numerator % denominator:
             problems.append(f"{numerator_key} ({numerator}) must be divisible by {denominator_key} ({denominator})")
 
-    divisible("model.hidden_size", "model.num_attention_heads")
+    if cfg.model.kv_channels is None:  # the head size is hidden_size / num_attention_heads
+        divisible("model.hidden_size", "model.num_attention_heads")
     divisible("model.num_attention_heads", "model.num_query_groups")
+    problems += _model_problems(cfg.model, fp8=cfg.train.precision == Precision.fp8)
     divisible("train.global_batch_size", "train.micro_batch_size")
     train = cfg.train
     if train.warmup_steps >= train.steps > 0:  # Megatron's scheduler needs warmup < decay steps
@@ -442,6 +497,13 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
     if max_prompt is not None and max_prompt >= cfg.model.seq_length:
         problems.append(f"data.max_prompt_length ({max_prompt}) must be < model.seq_length "
                         f"({cfg.model.seq_length}) to leave room for the response")
+    if cfg.data.share_prompt and cfg.data.packing is False:
+        problems.append("data.share_prompt: true needs packed micro-batches; set data.packing true or null")
+    responses = len(LOSSES[cfg.loss.type].responses)
+    if cfg.data.pack_tokens is not None and 0 < cfg.data.pack_tokens < responses * cfg.model.seq_length:
+        problems.append(f"data.pack_tokens ({cfg.data.pack_tokens}) must be >= {responses * cfg.model.seq_length}, "
+                        f"the {responses} sequences of model.seq_length ({cfg.model.seq_length}) a pair of "
+                        f"loss.type={cfg.loss.type} may take, so that every pair fits a micro-batch")
     if train.precision == Precision.fp8:  # TE's FP8 GEMMs want every dimension a multiple of 16
         for key in ("model.seq_length", "model.hidden_size", "model.ffn_hidden_size"):
             if get(key) % 16:
@@ -450,9 +512,10 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         problems.append("checkpoint.save_interval: set, but checkpoint.save (the directory) is null")
     if cfg.sources.num_ranks and not cfg.sources.models:
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): no sources.models to run on those ranks")
-    if cfg.sources.num_ranks and cfg.loss.type not in (LossType.infifpo, LossType.fpo):
+    if cfg.sources.num_ranks and not LOSSES[cfg.loss.type].uses_sources:
+        users = " | ".join(name for name, spec in LOSSES.items() if spec.uses_sources)
         problems.append(f"sources.num_ranks ({cfg.sources.num_ranks}): loss.type={cfg.loss.type} uses no source "
-                        "scores; use 0, or loss.type infifpo | fpo")
+                        f"scores; use 0, or loss.type {users}")
     if cfg.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
         problems.append("logging.wandb_project: set, but wandb is not installed (pip install wandb, or null)")
     names = [source.name for source in cfg.sources.models]
@@ -465,9 +528,37 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         if source.tensor_parallel and source.gguf_file:
             problems.append(f"sources.models[{index}].tensor_parallel: a GGUF source is not sharded; export it to a "
                             "HF directory first (infifpo_mcore.sources.export_gguf_as_hf) or set tensor_parallel false")
-        if source.tensor_parallel and source.precision == SourcePrecision.fp8:
+        if source.tensor_parallel and source.precision == Precision.fp8:
             problems.append(f"sources.models[{index}].tensor_parallel: FP8 sources (Transformer Engine layers) are "
                             "not sharded; use precision bf16 or tensor_parallel false")
+    return problems
+
+
+def _model_problems(model: ModelConfig, *, fp8: bool) -> list[str]:
+    """Combinations of model.* keys the pivot cannot build."""
+    problems = []
+    if model.rope_scaling == RopeScaling.llama3:
+        if model.rope_original_max_position_embeddings is None:
+            problems.append("model.rope_original_max_position_embeddings: rope_scaling llama3 needs it (the context "
+                            "the rotary base was trained for)")
+        if model.rope_high_freq_factor <= model.rope_low_freq_factor:
+            problems.append(f"model.rope_high_freq_factor ({model.rope_high_freq_factor}) must be > "
+                            f"model.rope_low_freq_factor ({model.rope_low_freq_factor})")
+    if model.window_layers is not None:
+        if model.sliding_window is None:
+            problems.append("model.window_layers: set, but model.sliding_window (the window) is null")
+        if len(model.window_layers) != model.num_layers:
+            problems.append(f"model.window_layers: {len(model.window_layers)} entries for model.num_layers "
+                            f"{model.num_layers} (one per layer)")
+    if model.local_rotary_base is not None and model.sliding_window is None:
+        problems.append("model.local_rotary_base: set, but there are no sliding-window layers (model.sliding_window)")
+    own_layer = [key for key in ("zero_centered_norms", "post_norms", "local_rotary_base")
+                 if getattr(model, key) not in (None, False)]
+    if own_layer and model.normalization != Normalization.RMSNorm:
+        problems.append(f"model.{own_layer[0]}: needs model.normalization RMSNorm, got {model.normalization}")
+    if fp8 and own_layer:
+        problems.append(f"model.{own_layer[0]}: this layer is built from Megatron-Core's local modules, which have no "
+                        "FP8 (train.precision fp8); use bf16")
     return problems
 
 
@@ -533,6 +624,10 @@ def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
             problems.append(f"parallel.virtual_pipeline ({virtual}): the {micro_batches} micro-batches per step "
                             f"(train.global_batch_size / (train.micro_batch_size x data-parallel size)) must be a "
                             f"multiple of parallel.pipeline ({pipeline})")
+    elif virtual is not None and not problems and (train.global_batch_size // data_parallel) % pipeline:
+        problems.append(f"parallel.virtual_pipeline ({virtual}): the {train.global_batch_size // data_parallel} pairs "
+                        f"per data-parallel rank and step (train.global_batch_size / data-parallel size) must be a "
+                        f"multiple of parallel.pipeline ({pipeline}), to make whole groups of PP micro-batches")
     stages = pipeline * (virtual or 1)
     if model.num_layers % stages:
         per_stage = f" x parallel.virtual_pipeline ({virtual})" if virtual else ""
@@ -549,19 +644,10 @@ def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
     return data_parallel
 
 
-def auto_precision() -> str:
-    """What precision 'auto' means for the pivot and the sources: bf16 on a CUDA device with bf16 support, else fp32."""
-    import torch  # here, not at the top: loading and checking a config should not pay for importing torch
-
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def fp8_missing(device) -> list[str]:
     """Why FP8 matmuls cannot run on ``device`` (a torch.device): empty when an FP8 GPU (Hopper, Ada) and
     Transformer Engine are both there."""
-    import importlib.util
-
-    import torch
+    import torch  # here, not at the top: loading and checking a config should not pay for importing torch
 
     missing = []
     if device.type != "cuda":
@@ -573,9 +659,19 @@ def fp8_missing(device) -> list[str]:
     return missing
 
 
-def resolve_precision(cfg: InfiFPOConfig) -> str:
-    """The pivot's precision: 'fp32', 'bf16' or 'fp8' (see ``auto_precision``)."""
-    return auto_precision() if cfg.train.precision == Precision.auto else cfg.train.precision.value
+def resolve_precision(precision: Precision | str, *, device, what: str) -> str:
+    """'fp32', 'bf16' or 'fp8': what a configured precision (the pivot's or a source's, named ``what`` in errors)
+    means on ``device`` (a torch.device). auto: bf16 on a CUDA device that supports it, else fp32. fp8 without an
+    FP8 GPU and Transformer Engine raises ConfigError with the reason rather than fall back: the numbers would
+    differ."""
+    import torch
+
+    if precision == Precision.auto:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == Precision.fp8 and (missing := fp8_missing(device)):
+        raise ConfigError([f"{what}: fp8 needs an FP8 GPU (Hopper, Ada) with Transformer Engine; here: "
+                           f"{'; '.join(missing)}. Use bf16 or auto."])
+    return Precision(precision).value
 
 
 def resolve_distributed_optimizer(cfg: InfiFPOConfig, *, data_parallel: int) -> bool:

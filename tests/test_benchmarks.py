@@ -59,6 +59,19 @@ def test_infifpo_vs_dpo_gives_a_step_time_ratio(tmp_path):
     assert _positive(report["forward_backward_ratio_infifpo_over_dpo"])
 
 
+@pytest.mark.distributed
+def test_packing_compares_unpacked_packed_and_shared_pairs_per_second(tmp_path):
+    report = _run("packing", tmp_path, "--rows", "16", "--global-batch-size", "4", "--micro-batch-size", "2",
+                  "--steps", "2", "--warmup-steps", "1")
+    assert [result["mode"] for result in report["results"]] == ["unpacked", "packed", "shared"]
+    profile = report["data_profile"]
+    assert profile["rows"] == 16 and 0.3 < profile["padding_share_unpacked"] < 0.7  # 39.7 % in these rows
+    assert profile["shared_prompt_tokens_share"] < 1 - profile["padding_share_unpacked"]
+    for result in report["results"]:
+        for key in ("pairs_per_sec", "useful_tokens_per_sec", "pairs_per_sec_vs_unpacked"):
+            assert _positive(result[key]), (result["mode"], key)
+
+
 def test_source_scoring_compares_precisions_per_token(tmp_path):
     report = _run("source_scoring", tmp_path, "--rows", "2", "--prompt-words", "8", "--response-words", "8",
                   "--repeats", "1")

@@ -1,8 +1,12 @@
 """Checkpoint root bookkeeping on plain directories: which checkpoint loads, what a restart removes, what
-keep_last prunes, and the allow-list for pickled metadata. (Saving and loading real Megatron checkpoints, and
-crafted ones: tests/reliability/.)"""
+keep_last prunes, and the allow-list for pickled metadata; a save step that fails on one rank fails on all.
+(Saving and loading real Megatron checkpoints, and crafted ones: tests/reliability/.)"""
+
+from pathlib import Path
 
 import pytest
+
+from tests.distributed import run_distributed
 
 from infifpo_mcore.checkpointing import (CheckpointError, _allowed_global, prune_checkpoints, remove_incomplete,
                                          resolve_checkpoint)
@@ -101,3 +105,31 @@ def test_publishing_replaces_a_published_step_without_a_moment_of_nothing_to_loa
     _publish(staging, old)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["iter_0000005", "latest"]
     assert (old / "new").is_file() and resolve_checkpoint(tmp_path) == old
+
+
+def _publish_fails_on_rank_0(ctx, *, root: str) -> None:
+    from infifpo_mcore import checkpointing
+    from infifpo_mcore.config import ModelConfig
+    from infifpo_mcore.model import build_pivot, build_transformer_config
+
+    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=64,
+                        vocab_size=128)
+    config = build_transformer_config(model=model, tensor=1, pipeline=1, precision="fp32")
+    chunks = build_pivot(model=model, config=config, vocab_size=128, device=ctx.device)
+
+    def full_disk(staging: Path, final: Path) -> None:
+        raise OSError(28, "No space left on device", str(final))
+
+    checkpointing._publish = full_disk  # in this worker process only; rank 0 is the one that publishes
+    with pytest.raises(CheckpointError, match=r"publishing .*iter_0000003 failed \(rank 0: OSError: \[Errno 28\] "
+                                              r"No space left on device"):
+        checkpointing.save_checkpoint(root=Path(root), step=3, model_chunks=chunks, optimizer=None,
+                                      train_state=None, init_scores=None)
+    assert not (Path(root) / "latest").exists()
+
+
+@pytest.mark.distributed
+def test_a_publish_that_fails_on_rank_0_raises_on_every_rank_instead_of_leaving_them_waiting(tmp_path):
+    """Issue #16, 4: the other ranks used to wait for rank 0 at a barrier it never reached (here they would time
+    out after 0.5 minutes and the test fail); now every rank raises the CheckpointError naming rank 0's error."""
+    run_distributed(_publish_fails_on_rank_0, world_size=2, timeout_minutes=0.5, root=str(tmp_path / "ckpt"))

@@ -149,6 +149,11 @@ def test_dotted_keys_inside_yaml(tmp_path):
     ("data.skip_invalid_rows=2", ["data.skip_invalid_rows", "bool"]),
     ("data.path=", ["data.path", "expected str", "None"]),
     ("data.path=''", ["data.path", "must not be empty"]),
+    ("model.kv_channels=0", ["model.kv_channels", "> 0"]),
+    ("model.rope_scaling=yarn", ["model.rope_scaling", "one of: none, linear, llama3"]),
+    ("model.rope_scaling=llama3", ["model.rope_original_max_position_embeddings: rope_scaling llama3 needs it"]),
+    ("model.window_layers=[true,false]", ["model.window_layers: set, but model.sliding_window", "null"]),
+    ("model.local_rotary_base=10000", ["model.local_rotary_base: set, but there are no sliding-window layers"]),
     ("oops", ["malformed override 'oops'", "key.sub=value"]),
     ("=3", ["malformed override '=3'"]),
 ])
@@ -156,6 +161,20 @@ def test_rejects_with_key_and_allowed_values(override, fragments):
     message = problems_of(overrides=[override])
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_a_model_with_its_own_head_size_needs_no_divisible_hidden_size():
+    cfg = load_config(overrides=["model.hidden_size=130", "model.kv_channels=32"])  # Gemma-3-1B: 1152 / 4 = 288
+    assert cfg.model.kv_channels == 32
+
+
+def test_window_layers_must_name_every_layer_and_gemma_layers_have_no_fp8():
+    message = problems_of(overrides=["model.sliding_window=16", "model.window_layers=[true,false,true]"])
+    assert "model.window_layers: 3 entries for model.num_layers 2 (one per layer)" in message
+    message = problems_of(overrides=["model.zero_centered_norms=true", "train.precision=fp8"])
+    assert "model.zero_centered_norms: this layer is built from Megatron-Core's local modules" in message
+    message = problems_of(overrides=["model.post_norms=true", "model.normalization=LayerNorm"])
+    assert "model.post_norms: needs model.normalization RMSNorm, got LayerNorm" in message
 
 
 def test_online_sources_with_a_loss_that_uses_no_source_scores_are_refused():
@@ -227,6 +246,9 @@ def test_validate_layout_returns_data_parallel_size(world_size, overrides, data_
     (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "train.global_batch_size=6",
          "train.micro_batch_size=1"], ["parallel.virtual_pipeline (2): the 3 micro-batches per step",
                                        "must be a multiple of parallel.pipeline (2)"]),
+    (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "train.global_batch_size=6",
+         "train.micro_batch_size=null"], ["parallel.virtual_pipeline (2): the 3 pairs per data-parallel rank",
+                                          "must be a multiple of parallel.pipeline (2)"]),
     (8, ["parallel.tensor=8", "model.hidden_size=128"], ["model.num_attention_heads (4)", "parallel.tensor (8)"]),
     (4, ["parallel.tensor=4"], ["model.num_query_groups (2)", "parallel.tensor (4)"]),
     (3, ["parallel.tensor=3", "model.num_attention_heads=6", "model.num_query_groups=3", "model.hidden_size=132",
@@ -254,9 +276,10 @@ def test_validate_layout_rejects(world_size, overrides, fragments):
 def test_resolve_precision(monkeypatch, precision, cuda, bf16_supported, expected):
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
-    resolved = resolve_precision(load_config(overrides=[f"train.precision={precision}"]))
+    device = torch.device("cuda" if cuda else "cpu")  # the pivot's and every source's: one resolver
+    resolved = resolve_precision(load_config(overrides=[f"train.precision={precision}"]).train.precision,
+                                 device=device, what="train.precision")
     assert resolved == expected and type(resolved) is str
 
 
@@ -274,6 +297,13 @@ def test_the_distributed_optimizer_is_on_when_asked_or_with_data_parallel_ranks(
 def test_the_distributed_optimizer_switch_names_its_values():
     message = problems_of(overrides=["parallel.distributed_optimizer=sometimes"])
     assert "parallel.distributed_optimizer: expected one of: auto, true, false, got 'sometimes'" in message
+
+
+def test_fp8_without_an_fp8_gpu_and_transformer_engine_is_refused_with_the_way_out():
+    import torch
+
+    with pytest.raises(ConfigError, match=r"source 'big' precision: fp8 needs .*no CUDA device.*Use bf16 or auto"):
+        resolve_precision("fp8", device=torch.device("cpu"), what="source 'big' precision")
 
 
 def test_to_dict_holds_plain_values():

@@ -9,6 +9,7 @@ import torch
 
 from infifpo_mcore.data import (DataError, ResumableSampler, collate_pairs, load_preference_dataset,
                                 read_preference_rows, truncate_example)
+from infifpo_mcore.references import cached_columns
 from infifpo_mcore.tokenization import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_three_row_forms_tokenise_identically(tmp_path, tokenizer):
         {"chosen": conversation + [{**ANSWER, "content": "It is 4."}],
          "rejected": conversation + [{**ANSWER, "content": "It is 5."}]})
     dataset = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
-    assert len(dataset) == 3 and dataset.num_sources == 0 and not dataset.has_init_logps
+    assert len(dataset) == 3 and dataset.num_sources == 0 and cached_columns(dataset) == {}
     assert [e["id"] for e in dataset] == [1, 2, 3]  # default id: the line number
     first = dataset[0]
     assert first["prompt_ids"] == tokenizer.encode_prompt(conversation)
@@ -137,23 +138,6 @@ def test_cached_score_problems(tmp_path):
         f"{where}:6 fuse_mean_chosen_logps: missing (needed together with fuse_chosen_logps)",
         f"{where}:6 fuse_mean_rejected_logps: missing (needed together with fuse_chosen_logps)",
     ]
-
-
-def test_cached_scores_reach_the_batch(tmp_path, tokenizer):
-    path = write_rows(tmp_path,
-                      trl_row(ref_chosen_logps=-3.0, ref_rejected_logps=-4.0,
-                              **fused([-2.0, -6.0], [-3.0, -1.0], [-1.0, -2.0], [-1.5, -0.5])),
-                      trl_row(prompt="Hi", ref_chosen_logps=-1.0, ref_rejected_logps=-2.5,
-                              **fused([-4.0, -1.0], [-2.0, -3.0], [-0.5, -0.25], [-2.0, -1.0])))
-    dataset = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
-    assert dataset.num_sources == 2 and dataset.has_init_logps
-    batch = collate_pairs([dataset[1], dataset[0]], seq_length=64, pad_id=tokenizer.pad_id)
-    assert batch["row_ids"].tolist() == [1, 0]
-    assert batch["init_chosen_logps"].tolist() == [-1.0, -3.0]
-    assert batch["init_rejected_logps"].tolist() == [-2.5, -4.0]
-    assert batch["source_chosen_logps"].tolist() == [[-4.0, -1.0], [-2.0, -6.0]]
-    assert batch["source_chosen_lengths"].tolist() == [[8.0, 4.0], [2.0, 3.0]]  # sum / mean
-    assert batch["source_rejected_lengths"].tolist() == [[1.0, 3.0], [2.0, 2.0]]
 
 
 def test_collate_hand_checked_masks_and_labels():
@@ -316,15 +300,16 @@ def test_bundled_fused_data_is_the_same_rows_scored_by_two_sources_with_their_ow
         assert [row.id for row in fused.rows] == [row.id for row in plain.rows]
         assert [(e["chosen_ids"], e["rejected_ids"]) for e in fused] == [(e["chosen_ids"], e["rejected_ids"])
                                                                           for e in plain]
-        assert fused.num_sources == 2 and not fused.has_init_logps
+        assert fused.num_sources == 2 and "init_chosen_logps" not in cached_columns(fused)
         sidecar = json.loads((REPO / f"launch/data/tiny_fused_{split}.jsonl.sources.json").read_text())
         assert [source["name"] for source in sidecar["sources"]] == ["smollm2-135m-instruct", "gemma-3-270m"]
         assert len({source["tokenizer"] for source in sidecar["sources"]}) == 2
-        for example in fused:
-            for kind in ("chosen", "rejected"):
-                # trained models: per token far above chance (-log(49,152) = -10.8, -log(262,144) = -12.5)
-                assert all(length >= 1 and -8.0 < total / length < 0.0 for total, length in
-                           zip(example[f"source_{kind}_logps"], example[f"source_{kind}_lengths"]))
+        columns = cached_columns(fused)
+        for kind in ("chosen", "rejected"):
+            # trained models: per token far above chance (-log(49,152) = -10.8, -log(262,144) = -12.5)
+            sums, lengths = columns[f"source_{kind}_logps"], columns[f"source_{kind}_lengths"]
+            assert sums.shape == (len(fused), 2) and (lengths >= 1).all()
+            assert ((sums / lengths > -8.0) & (sums / lengths < 0.0)).all()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from infifpo_mcore.losses import FUSION_STRATEGIES, LOSS_FUNCTIONS, compute_loss, wrpo_alpha
+from infifpo_mcore.losses import FUSION_STRATEGIES, LOSSES, compute_loss, wrpo_alpha
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 POLICY_METRICS = ("logps/chosen", "logps/rejected")
@@ -316,7 +316,7 @@ def test_integer_lengths_and_float32_scores_are_accepted():
 
 
 def test_loss_table_lists_every_loss_type():
-    assert set(LOSS_FUNCTIONS) == {"infifpo", "fpo", "dpo", "ipo", "wrpo"}
+    assert set(LOSSES) == {"infifpo", "fpo", "dpo", "ipo", "wrpo"}
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,16 @@ from tests.distributed import run_distributed
 SMALL = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                     seq_length=32, tie_embeddings=False)
 VOCAB = 300
+QWEN3_LIKE = dataclasses.replace(SMALL, kv_channels=32, qk_layernorm=True)  # heads of 32 != 64 / 4, q/k norms
+GEMMA3_LIKE = dataclasses.replace(
+    QWEN3_LIKE, activation="geglu_tanh", tie_embeddings=True, zero_centered_norms=True, post_norms=True,
+    scale_embeddings=True, sliding_window=8, window_layers=[True, False, True, False], local_rotary_base=1e4)
 SHAPES = {
     "untied RMSNorm SwiGLU": SMALL,
     "tied LayerNorm GeLU": dataclasses.replace(SMALL, tie_embeddings=True, normalization="LayerNorm",
                                                activation="gelu"),
+    "Qwen3-like": QWEN3_LIKE,
+    "Gemma-3-like": GEMMA3_LIKE,
 }
 
 
@@ -27,6 +33,12 @@ def test_parameter_hand_count():
     assert stage_parameters(model=SMALL, vocab_size=VOCAB, tensor=1, pipeline=1, stage=0) == total
     tied = dataclasses.replace(SMALL, tie_embeddings=True)
     assert stage_parameters(model=tied, vocab_size=VOCAB, tensor=1, pipeline=1, stage=0) == total - embedding
+
+
+def test_parameter_hand_count_with_a_head_size_of_its_own_and_gemma_norms():
+    # qkv 64 x (4 + 2 x 2) x 32 = 16384, proj 4 x 32 x 64 = 8192, fc1 and fc2 as SMALL (both gated), two q/k norms 32
+    assert layer_parameters(model=QWEN3_LIKE, tensor=1) == 16384 + 8192 + 12288 + 6144 + 128 + 64
+    assert layer_parameters(model=GEMMA3_LIKE, tensor=1) == 16384 + 8192 + 12288 + 6144 + 4 * 64 + 64  # 4 norms
 
 
 def test_tensor_and_pipeline_division():
@@ -241,3 +253,39 @@ def test_auto_micro_batch_keeps_two_micro_batches_per_pipeline_stage_where_it_ca
     plenty = 100 * _estimate(micro_batch_size=12, pipeline=2).total_bytes
     assert _choose(capacity_bytes=plenty, pipeline=2)[0] == 3  # 12 / 3 = 4 micro-batches = 2 x PP 2
     assert _choose(capacity_bytes=plenty, rows_per_rank=2, pipeline=2)[0] == 2  # 2 rows: no way to fill, the largest
+
+
+def test_auto_micro_batch_under_a_virtual_pipeline_makes_whole_groups_of_pp_micro_batches():
+    """The interleaved schedule runs micro-batches in groups of PP: 4 rows at PP 4 are one micro-batch of 4 where
+    nothing fills the pipeline, but 4 of 1 under a virtual pipeline (micro_batch_multiple = PP)."""
+    plenty = 100 * _estimate(micro_batch_size=4, pipeline=4).total_bytes
+    assert _choose(capacity_bytes=plenty, rows_per_rank=4, pipeline=4)[0] == 4
+    pairs, _, fits = choose_micro_batch_size(
+        estimate=lambda size: _estimate(micro_batch_size=size, pipeline=4), rows_per_rank=4, pipeline=4,
+        capacity_bytes=plenty, micro_batch_multiple=4)
+    assert (pairs, fits) == (1, True)
+
+
+def test_a_packed_micro_batch_counts_its_token_budget_and_keeps_no_attention_scores():
+    """data.packing: one row of the budget; by default the unpacked micro-batch's tokens, so the estimate is the
+    unpacked one less the local spec's s x s scores (packed attention runs per document, SDPA or TE's THD)."""
+    budget = 2 * 2 * 32  # micro_batch_size 2 x chosen/rejected x seq_length 32
+    packed = _estimate(packed_tokens=budget, fused_attention=False)
+    assert packed.activation_bytes == _estimate(fused_attention=True).activation_bytes
+    assert packed.activation_bytes < _estimate(fused_attention=False).activation_bytes
+    assert _estimate(packed_tokens=2 * budget).activation_bytes > packed.activation_bytes
+
+
+def test_auto_micro_batch_counts_the_packed_micro_batches_a_budget_gives_for_the_pipeline():
+    """Packed pairs taking half their unpacked tokens: 12 rows fill 4 micro-batches (2 x PP 2) only with a budget
+    of 1 unpacked pair (6 micro-batches; 2 would give 3), not 3 as when unpacked."""
+    plenty = 100 * _estimate(micro_batch_size=12, pipeline=2).total_bytes
+    per_pair = 2 * 32  # unpacked tokens of a pair
+    pairs, _, fits = choose_micro_batch_size(
+        estimate=lambda size: _estimate(micro_batch_size=size, pipeline=2, packed_tokens=size * per_pair),
+        rows_per_rank=12, pipeline=2, capacity_bytes=plenty, packed=(per_pair / 2, lambda size: size * per_pair))
+    assert (pairs, fits) == (1, True)
+    pairs, _, _ = choose_micro_batch_size(
+        estimate=lambda size: _estimate(micro_batch_size=size, pipeline=2, packed_tokens=size * per_pair),
+        rows_per_rank=12, pipeline=2, capacity_bytes=plenty, packed=(per_pair, lambda size: size * per_pair))
+    assert pairs == 3  # pairs as long as unpacked: as unpacked

@@ -11,8 +11,8 @@ import torch
 
 from infifpo_mcore import monitoring
 from infifpo_mcore.config import ConfigError, load_config
+from infifpo_mcore.losses import LossOptions
 from infifpo_mcore.monitoring import (
-    REQUIRED_STEP_KEYS,
     MetricsLogger,
     ProgressBar,
     Throughput,
@@ -54,7 +54,7 @@ def test_metrics_logger_writes_one_flushed_json_line_per_step(tmp_path):
 
     assert [record["step"] for record in records] == [1, 2, 3]
     for record in records:
-        assert set(REQUIRED_STEP_KEYS) <= record.keys()
+        assert set(step_metrics(1)) | {"step"} <= record.keys()
         expected = step_metrics(record["step"])
         assert {name: record[name] for name in expected} == pytest.approx(expected)
     assert logger.metrics_path == run_dir / "metrics.jsonl"
@@ -200,6 +200,17 @@ def test_gpt_flops_per_token_matches_a_hand_count(swiglu):
     assert expected == (8160 if swiglu else 6624)  # the hand count itself, written out once
 
 
+def test_gpt_flops_per_token_with_a_head_size_of_its_own():
+    # As above but 4 heads of width 3 (Gemma / Qwen3 / Mistral-Nemo: head_dim != h / a): Q 12 wide, K and V 6 wide
+    q_proj, k_proj, v_proj, out_proj = 2 * 8 * 12, 2 * 8 * 6, 2 * 8 * 6, 2 * 12 * 8
+    scores, weighted_values = 2 * 4 * 12, 2 * 4 * 12
+    mlp, logits = 2 * 8 * 16 * 3, 2 * 8 * 10
+    expected = 3 * (2 * (q_proj + k_proj + v_proj + out_proj + scores + weighted_values + mlp) + logits)
+    flops = gpt_flops_per_token(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=4,
+                                num_query_groups=2, vocab_size=10, seq_length=4, swiglu=True, head_dim=3)
+    assert flops == pytest.approx(expected) and expected == 9696
+
+
 @pytest.fixture
 def fresh_nvml():
     monitoring._nvml.cache_clear()
@@ -274,8 +285,8 @@ def test_summary_reports_the_numbers(tmp_path):
     history = [step_metrics(step) for step in range(1, 11)]
     summary = summarize_run(
         history=history, accuracy_window=4, tokens_per_sec=1234.5, wall_seconds=83.4,
-        reference=describe_reference(loss_type="infifpo", num_sources=2, fusion="max_margin",
-                                     include_pivot_init=True),
+        reference=describe_reference(loss_type="infifpo", num_sources=2, options=LossOptions(
+            beta=0.1, length_norm=True, clip=True, fusion="max_margin", include_pivot_init=True)),
         checkpoint_path="runs/tiny/checkpoints/iter_0000010", metrics_path=str(tmp_path / "metrics.jsonl"),
         mfu=0.123,
     )
@@ -308,4 +319,5 @@ def test_summary_of_a_run_without_steps():
     ({"loss_type": "fpo", "num_sources": 2}, "fused from 2 sources (fusion=mean)"),
 ])
 def test_describe_reference(kwargs, expected):
-    assert describe_reference(fusion="sum", include_pivot_init=False, **kwargs) == expected
+    options = LossOptions(beta=0.1, length_norm=True, clip=True, fusion="sum", include_pivot_init=False)
+    assert describe_reference(options=options, **kwargs) == expected

@@ -104,6 +104,43 @@ def test_online_source_ranks_train_like_the_offline_cache(source_ranks, sharded,
 
 
 @pytest.mark.distributed
+def test_online_sources_leave_out_the_rows_the_trainer_leaves_out(online_setup, offline_metrics, tmp_path):
+    """Issue #16, 2: with data.skip_invalid_rows an invalid row is left out by the source ranks too (they load the
+    data through the trainer's loader; they used to load it without skip_invalid and die on it, and with other
+    options could score other rows, which nothing checked). The 16 valid rows then train as the offline cache."""
+    train = tmp_path / "train.jsonl"
+    invalid = json.dumps({"prompt": "2 + 2?", "chosen": "4", "rejected": "4"})
+    train.write_text(online_setup["train"].read_text() + invalid + "\n")
+    run_training(nproc=5, overrides=_overrides(
+        tmp_path / "run", train, online_setup["eval"], "sources.num_ranks=1", "data.skip_invalid_rows=true",
+        f"sources.models={json.dumps(online_setup['sources'])}", "sources.batch_tokens=256"))
+    assert "17 rejected: identical to chosen" in (tmp_path / "run" / "skipped_rows.train.jsonl.txt").read_text()
+    online = read_metrics(tmp_path / "run")
+    for got, want in zip(online, offline_metrics, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm", "eval/loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+
+
+@pytest.mark.distributed
+def test_sources_slower_to_load_than_the_training_timeout_do_not_end_the_job(online_setup, tmp_path):
+    """Issue #16, 3: a source that takes 50 s to load, training collectives that time out after 30 s (not less: a
+    loaded 2-core box can hold one rank back for many seconds inside a step). Training rank
+    0 used to wait alone for the source leader while rank 1 went on into the pivot-init scoring, and timed out
+    there; every training rank now waits on the bridge (sources.timeout_minutes) until the sources are ready."""
+    from tests.reliability.torchrun import WORKERS, Run
+
+    run_dir = tmp_path / "run"
+    run = Run(nproc=3, entry=WORKERS / "slow_source_load.py", log=tmp_path / "run.log",
+              env={"SLOW_SOURCE_SECONDS": "50"}, overrides=_overrides(
+                  run_dir, online_setup["train"], online_setup["eval"], "data.eval_path=null", "parallel.tensor=1",
+                  "parallel.pipeline=1", "train.steps=2", "parallel.timeout_minutes=0.5", "sources.num_ranks=1",
+                  f"sources.models={json.dumps(online_setup['sources'][:1])}"))
+    assert run.finish(timeout=400) == 0, run.output[-6000:]
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+
+
+@pytest.mark.distributed
 def test_a_source_rank_that_fails_ends_the_job_promptly_with_its_error(online_setup, tmp_path):
     broken = [dict(online_setup["sources"][0], path=str(tmp_path / "no-such-model")), online_setup["sources"][1]]
     started = time.monotonic()
@@ -116,7 +153,8 @@ def test_a_source_rank_that_fails_ends_the_job_promptly_with_its_error(online_se
 
 
 def _silent_sources_worker(rank: int, port: int, results) -> None:
-    """Rank 0 trains (alone), rank 1 is a source leader that takes the handshake and the grant, then never sends."""
+    """Rank 0 trains (alone), rank 1 is a source leader that says it is ready, takes the handshake and the grant,
+    then never sends."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     import torch.distributed as dist
@@ -127,6 +165,7 @@ def _silent_sources_worker(rank: int, port: int, results) -> None:
     job = join_job(source_ranks=1, bridge_timeout=timedelta(seconds=3))
     try:
         if job.is_source_rank:
+            job.bridge.send([torch.ones(1, dtype=torch.int64)], 0, source_group._READY).wait()
             grant = job.bridge.recv([torch.zeros(1, dtype=torch.int64)], 0, source_group._CONTROL)
             job.bridge.recv([torch.zeros(2, dtype=torch.int64)], 0, source_group._HANDSHAKE).wait()
             grant.wait()

@@ -23,8 +23,9 @@ import yaml
 from infifpo_mcore import sources as sources_module
 from infifpo_mcore.config import SourceConfig, SourceTokenizerConfig, load_config
 from infifpo_mcore.data import load_preference_dataset, read_preference_rows
+from infifpo_mcore.references import cached_columns
 from infifpo_mcore.sources import (PreparedSource, SourceError, SourceScorer, build_scorer, check_shardable,
-                                   fp8_gemm_fits, length_batches, prepare_source, resolve_precision, score_sources)
+                                   fp8_gemm_fits, length_batches, prepare_source, score_sources)
 from infifpo_mcore.tokenization import build_tokenizer
 from tests import source_models
 from tests.distributed import free_port
@@ -68,7 +69,8 @@ def _read(path: Path) -> list[dict]:
 
 
 def _direct_logps(model_dir: Path, rows) -> list[tuple[float, int]]:
-    """Reference: transformers alone (its tokenizer, chat template and model), one unpadded sequence at a time."""
+    """Reference: transformers alone (its tokenizer, chat template and model), one unpadded sequence at a time; the
+    response is the templated conversation's text after the templated prompt's, tokenised apart (TRL's split)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -77,8 +79,12 @@ def _direct_logps(model_dir: Path, rows) -> list[tuple[float, int]]:
     for row in rows:
         prompt = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
+        prompt_text = tokenizer.apply_chat_template(row.prompt, add_generation_prompt=True, tokenize=False)
         for answer in (row.chosen, row.rejected):
-            response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            full = tokenizer.apply_chat_template([*row.prompt, {"role": "assistant", "content": answer}],
+                                                 tokenize=False)
+            assert full.startswith(prompt_text)
+            response = tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + response])
             with torch.no_grad():
                 logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
@@ -127,6 +133,29 @@ def test_fp8_length_padding_leaves_the_scores_unchanged(tiny_sources, data):
     padded_shapes = lengths[:len(lengths) // 2]
     assert all(length % 16 == 0 for _, length in padded_shapes), padded_shapes
     assert any(length % 16 for _, length in lengths[len(lengths) // 2:])  # the unpadded batches would not fit
+
+
+@pytest.mark.parametrize("family, window", [("llama_tied", None), ("mistral", 512), ("mistral", 32), ("gemma3", 16)])
+def test_a_shared_prompt_gives_each_response_its_own_sequence_s_scores(family, window, data, tmp_path):
+    """sources.share_prompt: [prompt, chosen, last prompt token, rejected] in one sequence under a custom mask gives
+    the scores of two sequences (the rows' prompts are 20-120 tokens: one forward computes the prompt once). A
+    sliding window shorter than the rows (Mistral's 32, Gemma 3's 16 tokens) would be lost under a custom mask:
+    those rows are scored as two sequences."""
+    changes = {"sliding_window": window} if family == "mistral" else {}
+    model_dir = source_models.tiny_model(tmp_path, family=family, vocab_size=32000, seed=3, **changes)
+    tokenizer = build_tokenizer(type="sentencepiece", path=source_models.MISTRAL_V1, chat_template="mistral")
+    model = sources_module.load_model(model_dir=model_dir, gguf_file=None, precision="fp32", device=CPU)
+    rows = read_preference_rows(data)
+    scorers = {share: SourceScorer(name=family, model=model, tokenizer=tokenizer, device=CPU, batch_tokens=600,
+                                   share_prompt=share) for share in (False, True)}
+    batch_rows = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    _assert_same_scores(_scored(scorers[True], rows), _scored(scorers[False], rows))
+    hook.remove()
+    shared = window is None or window > 200
+    assert scorers[True].shares_prompt(scorers[True].encode_pairs(rows)) == shared
+    assert sum(batch_rows) == (3 if shared else 4) * len(rows)  # one sequence per row shared, else two
 
 
 def _bf16_autocast_scorer(scorer: SourceScorer) -> SourceScorer:
@@ -182,10 +211,12 @@ def test_a_megatron_checkpoint_source_scores_as_its_hf_original(tiny_sources, da
                        workdir=tmp_path / "gguf")
 
 
-def test_fp8_without_hopper_and_transformer_engine_is_refused_with_the_way_out():
-    with pytest.raises(SourceError, match=r"source 'big': precision fp8 needs .*no CUDA device.*Use precision bf16"):
-        resolve_precision(name="big", precision="fp8", device=CPU)
-    assert resolve_precision(name="big", precision="auto", device=CPU) == "fp32"
+def test_fp8_without_hopper_and_transformer_engine_is_refused_with_the_way_out(tiny_sources):
+    fp8 = SourceConfig(**{**tiny_sources[1], "precision": "fp8"})
+    with pytest.raises(SourceError, match=r"source 'qwen' precision: fp8 needs .*no CUDA device.*Use bf16 or auto"):
+        prepare_source(fp8, device=CPU, workdir=Path("unused"))
+    auto = prepare_source(SourceConfig(**tiny_sources[1]), device=CPU, workdir=Path("unused"))
+    assert auto.precision == "fp32"
 
 
 # --- the scoring run ----------------------------------------------------------------------------------------------
@@ -206,7 +237,7 @@ def test_each_source_counts_its_own_tokens_and_means_are_sum_over_count(scored, 
     for row, out in zip(rows, written):
         for kind in ("chosen", "rejected"):
             text = getattr(row, kind)
-            own = [len(llama.encode_response(text)), len(qwen.encode_response(text))]
+            own = [len(llama.encode_response(text)), len(qwen.encode_response(text, prompt=row.prompt))]
             sums, means = out[f"fuse_{kind}_logps"], out[f"fuse_mean_{kind}_logps"]
             assert means == [total / count for total, count in zip(sums, own)]
             counts[kind].append(own)
@@ -214,7 +245,7 @@ def test_each_source_counts_its_own_tokens_and_means_are_sum_over_count(scored, 
     pivot = build_tokenizer(type="sentencepiece", path=source_models.MISTRAL_V1, chat_template="mistral")
     dataset = load_preference_dataset(path=scored, tokenizer=pivot, seq_length=512, max_prompt_length=None)
     assert dataset.num_sources == 2 and len(dataset) == NUM_ROWS
-    assert [example["source_chosen_lengths"] for example in dataset] == counts["chosen"]
+    assert cached_columns(dataset)["source_chosen_lengths"].tolist() == counts["chosen"]
     sidecar = json.loads(scored.with_name("out.jsonl.sources.json").read_text())
     assert [source["name"] for source in sidecar["sources"]] == ["llama", "qwen"]
 

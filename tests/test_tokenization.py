@@ -109,17 +109,28 @@ def test_plain_template_adds_one_bos_and_a_newline():
 
 
 def test_explicit_jinja_template_turns_special_strings_into_ids(mistral):
-    template = "{{ bos_token }}{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+                "{% else %}A:{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}A:{% endif %}")
     jinja = build_tokenizer(type="sentencepiece", path=MISTRAL_V1, chat_template=template)
     assert jinja.template_name == "jinja"
     assert jinja.encode_prompt(QUESTION) == [1] + mistral.encode("Q: What is 2 + 2?\nA:")
-    assert jinja.encode_response("4") == mistral.encode("4") + [2]
+    # the response is what the template renders for the answer's turn: the answer, EOS, the newline after it
+    assert jinja.encode_response("4", prompt=QUESTION) == mistral.encode("4") + [2] + mistral.encode("\n")
+    assert jinja.end_of_turn_id == 2
+
+
+def test_a_jinja_template_that_does_not_render_the_answer_after_the_prompt_is_refused():
+    template = "{{ bos_token }}{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"  # no answer turn
+    with pytest.raises(TokenizerError, match="the conversation rendered with the answer does not begin with the "
+                                             "prompt rendered for generation"):
+        build_tokenizer(type="sentencepiece", path=MISTRAL_V1, chat_template=template)
 
 
 def test_jinja_raise_exception_becomes_a_tokenizer_error():
-    template = "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}x"
+    template = "{% if messages|length > 2 %}{{ raise_exception('one turn only') }}{% endif %}x"
     tokenizer = build_tokenizer(type="sentencepiece", path=MISTRAL_V1, chat_template=template)
-    with pytest.raises(TokenizerError, match="one message only"):
+    with pytest.raises(TokenizerError, match="one turn only"):
         tokenizer.encode_prompt(CONVERSATION)
 
 
@@ -159,14 +170,28 @@ def test_hf_tokenizer_json_matches_tokenizers(qwen3):
     assert (qwen3.bos_id, qwen3.eos_id, qwen3.pad_id, qwen3.vocab_size) == (None, 151645, 151643, 151669)
 
 
+def _ids(encoded) -> list[int]:
+    """apply_chat_template(tokenize=True)'s ids, whether it returns a list or a BatchEncoding."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
 def test_hf_own_template_matches_transformers(qwen3):
+    """Prompt and response as transformers renders the conversation, the response being its suffix after the prompt
+    (TRL's split): Qwen3's template opens the answer's turn with an empty think block and ends it with
+    <|im_end|> and a newline."""
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoTokenizer.from_pretrained(str(resolve_path(QWEN3_HF).parent))
+    answer = {"role": "assistant", "content": "It is 4."}
     for messages in (QUESTION, CONVERSATION):
-        expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
-        assert qwen3.encode_prompt(messages) == list(expected)
-    assert qwen3.encode_response("It is 4.") == reference.encode("It is 4.", add_special_tokens=False) + [151645]
+        expected = _ids(reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        assert qwen3.encode_prompt(messages) == expected
+        full = _ids(reference.apply_chat_template([*messages, answer], tokenize=True))
+        response = qwen3.encode_response("It is 4.", prompt=messages)
+        assert expected + response == full
+        assert qwen3.decode(response) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
+    assert qwen3.end_of_turn_id == 151645
+    with pytest.raises(TokenizerError, match="renders a response after its prompt: pass prompt="):
+        qwen3.encode_response("It is 4.")
 
 
 def test_chatml_name_equals_qwen3_own_template_for_simple_prompts(qwen3):
@@ -177,7 +202,7 @@ def test_chatml_name_equals_qwen3_own_template_for_simple_prompts(qwen3):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"type": "sentencepiece", "path": MISTRAL_V1, "chat_template": "llama9"},
-     "unknown chat template 'llama9'; known: ['chatml', 'mistral', 'plain']"),
+     "unknown chat template 'llama9'; known: ['chatml', 'gemma', 'mistral', 'plain']"),
     ({"type": "bpe", "path": MISTRAL_V1, "chat_template": "mistral"},
      "unknown tokenizer type 'bpe'; known: ['hf', 'sentencepiece', 'tiktoken']"),
     ({"type": "sentencepiece", "path": MISTRAL_V1, "chat_template": None}, "has no chat template of its own"),
@@ -201,3 +226,47 @@ def test_hf_tokenizer_json_without_config_falls_back(tmp_path):
     assert bare.encode_response("4")[-1] == 151645  # chatml ends turns with <|im_end|>, not EOS
     with pytest.raises(TokenizerError, match="responses end with the EOS token"):
         build_tokenizer(type="hf", path=str(tmp_path / "tokenizer.json"), chat_template="plain")
+
+
+# Gemma 3's turn format, written out (the Gemma-3-270M package is a base model and ships no chat template): BOS, a
+# system message opening the first user turn, "<start_of_turn>{user|model}\n{content}<end_of_turn>\n" per turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] | trim + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim "
+    "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+@pytest.mark.slow
+def test_a_hf_template_ends_the_response_as_it_ends_a_turn_not_with_eos(gemma3_dir):
+    """The real Gemma-3 tokenizer: Gemma's turns end with <end_of_turn> and a newline, its EOS is <eos>. The response
+    used to be the answer + EOS; it is now what transformers renders after the prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = build_tokenizer(type="hf", path=str(gemma3_dir / "tokenizer.json"), chat_template=GEMMA_TEMPLATE)
+    reference = AutoTokenizer.from_pretrained(gemma3_dir)
+    end_of_turn = reference.convert_tokens_to_ids("<end_of_turn>")
+    assert tokenizer.end_of_turn_id == end_of_turn == 106  # was the EOS, <eos> (1)
+    for messages in (QUESTION, CONVERSATION):
+        prompt = tokenizer.encode_prompt(messages)
+        response = tokenizer.encode_response(" It is 4. ", prompt=messages)
+        full = reference.apply_chat_template([*messages, {"role": "assistant", "content": " It is 4. "}],
+                                             chat_template=GEMMA_TEMPLATE, tokenize=True)
+        assert prompt + response == _ids(full)
+        assert tokenizer.decode(response) == "It is 4.<end_of_turn>\n"  # the template strips the content
+        assert tokenizer.eos_id == reference.eos_token_id != end_of_turn and tokenizer.eos_id not in response
+
+
+@pytest.mark.slow
+def test_the_named_gemma_template_equals_gemma_s_own(gemma3_dir):
+    named = build_tokenizer(type="hf", path=str(gemma3_dir / "tokenizer.json"), chat_template="gemma")
+    jinja = build_tokenizer(type="hf", path=str(gemma3_dir / "tokenizer.json"), chat_template=GEMMA_TEMPLATE)
+    for messages in (QUESTION, CONVERSATION, CONVERSATION[1:]):
+        assert named.encode_prompt(messages) == jinja.encode_prompt(messages)
+        assert named.encode_response("It is 4.", prompt=messages) == jinja.encode_response("It is 4.",
+                                                                                        prompt=messages)
+    assert named.end_of_turn_id == jinja.end_of_turn_id == 106
+    with pytest.raises(TokenizerError, match="gemma template: a prompt must end with a user message"):
+        named.encode_prompt(CONVERSATION[1:3])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infifpo_mcore.monitoring import REQUIRED_STEP_KEYS
+from infifpo_mcore.losses import LOSSES
 from tests.launcher import REPO, read_metrics, run_default_job, run_training
 
 pytestmark = pytest.mark.distributed
@@ -91,7 +91,9 @@ def _assert_same_losses(ours: list[dict], reference: list[dict], *, rtol: float,
 
 
 def test_tp1_run_trains(tp1_run):
-    assert all(set(REQUIRED_STEP_KEYS) <= metrics.keys() for metrics in tp1_run)
+    # metrics.jsonl's contract: the trainer's keys and every metric of the loss (the tests train DPO)
+    step_keys = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", *LOSSES["dpo"].metrics}
+    assert all(step_keys <= metrics.keys() for metrics in tp1_run)
     assert all(m["lr"] > 0 and m["grad_norm"] > 0 and m["tokens_per_sec"] > 0 for m in tp1_run)
     assert len({round(m["loss"], 6) for m in tp1_run}) == len(tp1_run)  # the parameters move
 
@@ -207,6 +209,20 @@ def test_infifpo_max_margin_at_tp2_pp2_equals_tp1_and_reports_fusion(
         assert 0.0 <= metrics["fusion/clip_rate_chosen"] <= 1.0
 
 
+def test_infifpo_max_margin_without_clip_scores_the_pivot_init_it_needs(data_with_source_scores, tmp_path):
+    """Issue #16, 1: max_margin picks each row's source by its distance to the pivot init's margin, so it needs the
+    init's scores also without clip and include_pivot_init; such a run used to decide it needed none and die with a
+    ValueError on the last stage at step 1."""
+    result = run_training(nproc=1, overrides=_overrides(
+        data_with_source_scores, tmp_path, "loss.type=infifpo", "loss.fusion=max_margin", "loss.clip=false",
+        "loss.include_pivot_init=false", "parallel.tensor=1", "parallel.pipeline=1", "train.steps=2",
+        "data.eval_path=null"))
+    assert "scoring its 24 rows with the pivot init" in result.stderr
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(sum(m[f"fusion/picked_source_{i}"] for i in range(2)) == pytest.approx(1.0) for m in metrics)
+
+
 def test_eval_on_start_and_per_row_dumps_cover_every_held_out_row_once(small_data, tmp_path):
     """Pipeline 2 x data-parallel 2 over 5 held-out rows: the shares are padded, the dump still has each row once,
     in file order, and its rows average to the logged evaluation metrics."""
@@ -274,13 +290,26 @@ def test_the_virtual_pipeline_trains_as_the_plain_pipeline(small_data, four_laye
     whole groups of PP micro-batches) from one checkpoint. It diverged after the warm-up micro-batches before: each
     chunk's forward_step reads every micro-batch, so each chunk needs its own iterator over them, and at PP 2
     Megatron's batched p2p swaps an activation and a gradient sent to the same peer (docs/repro/vpp_batched_p2p.py);
-    the interleaved schedule now runs it unbatched, as Megatron-LM configures it."""
+    the interleaved schedule now runs it unbatched, as Megatron-LM configures it.
+
+    Packed (the default here), each rank's 2 pairs of a step fit one micro-batch and are split into a group of PP;
+    unpacked, it runs 2 micro-batches of 1 pair, padded rows: packed equals unpacked within 1e-5 (as in the packing
+    tests below)."""
     common = ["model.num_layers=4", "train.micro_batch_size=1"]
+    interleaving = [*common, "parallel.virtual_pipeline=2", "parallel.distributed_optimizer=true"]
     plain = _continue(small_data, four_layer_step1_checkpoint, tmp_path / "pp2", nproc=2, tensor=1, pipeline=2,
                       extra=common)
     interleaved = _continue(small_data, four_layer_step1_checkpoint, tmp_path / "vpp2", nproc=4, tensor=1, pipeline=2,
-                            extra=[*common, "parallel.virtual_pipeline=2", "parallel.distributed_optimizer=true"])
+                            extra=interleaving)
     _assert_same_losses(interleaved, plain, rtol=1e-5)
+    unpacked = _continue(small_data, four_layer_step1_checkpoint, tmp_path / "vpp2_unpacked", nproc=4, tensor=1,
+                         pipeline=2, extra=[*interleaving, "data.packing=false"])
+    assert [m["step"] for m in unpacked] == [m["step"] for m in plain]
+    for got, want in zip(unpacked, plain):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss", "eval/rewards/accuracies"):
+            assert (key in got) == (key in want)
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (got["step"], key)
 
 
 def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(small_data, tmp_path):
@@ -425,3 +454,72 @@ def test_a_null_micro_batch_size_takes_the_largest_that_fits(small_data, tmp_pat
     assert "train.micro_batch_size null: 4 pair(s) per micro-batch, estimated" in result.stderr
     assert "train:\n  micro_batch_size: 4\n" in (tmp_path / "config.yaml").read_text()
     assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Packed micro-batches (data.packing, data.share_prompt) train exactly as padded ones
+PACKING = {"unpacked": ["data.packing=false"], "packed": ["data.packing=true", "data.share_prompt=false"],
+           "shared": ["data.packing=true", "data.share_prompt=true"]}
+# 8 pairs per step in micro-batches of 2 (unpacked) or of 512 tokens (packed: 1 to 4 pairs each, varying per rank)
+PACKED_BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2"]
+_EXPLANATION = "because the numbers given in the question add up to this and no other choice fits them".split()
+
+
+@pytest.fixture(scope="module")
+def varied_data(small_data, tmp_path_factory) -> Path:
+    """The small rows (train and eval.jsonl) whose responses add 0 to 60 words of explanation after the answer:
+    prompts of 17 to 119 tokens and responses of a few to about a hundred (some cut to model.seq_length, as
+    unpacked)."""
+    directory = tmp_path_factory.mktemp("varied")
+    for name, source in (("prefs.jsonl", small_data), ("eval.jsonl", small_data.with_name("eval.jsonl"))):
+        rows = [json.loads(line) for line in source.read_text().splitlines()]
+        for index, row in enumerate(rows):
+            for offset, side in enumerate(("chosen", "rejected")):
+                words = (_EXPLANATION * 4)[:(index * 7 + offset * 13) % 61]
+                row[side][0]["content"] += (" " + " ".join(words)) if words else ""
+        (directory / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory / "prefs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def varied_step1_checkpoint(varied_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("varied_step1")
+    run_training(nproc=1, overrides=_overrides(varied_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
+                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
+                                               *PACKED_BATCH, *PACKING["unpacked"]))
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def varied_unpacked_tp1(varied_data, varied_step1_checkpoint, tmp_path_factory) -> list[dict]:
+    return _continue(varied_data, varied_step1_checkpoint, tmp_path_factory.mktemp("varied_tp1"), nproc=1, tensor=1,
+                     pipeline=1, extra=[*PACKED_BATCH, *PACKING["unpacked"]])
+
+
+def _assert_packed_equals_unpacked(got: list[dict], want: list[dict]) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(2, STEPS + 1))
+    for packed, unpacked in zip(got, want):
+        keys = [key for key in unpacked if key.startswith(("loss", "grad_norm", "rewards/", "logps/", "eval/"))]
+        assert len(keys) >= 8 and set(keys) <= packed.keys()
+        for key in keys:
+            assert packed[key] == pytest.approx(unpacked[key], rel=1e-5, abs=1e-5), (unpacked["step"], key)
+
+
+@pytest.mark.parametrize("mode", ["packed", "shared"])
+def test_packed_micro_batches_train_as_unpacked_at_tp1(mode, varied_data, varied_step1_checkpoint,
+                                                       varied_unpacked_tp1, tmp_path):
+    result_dir = tmp_path / mode
+    metrics = _continue(varied_data, varied_step1_checkpoint, result_dir, nproc=1, tensor=1, pipeline=1,
+                        extra=[*PACKED_BATCH, *PACKING[mode]])
+    _assert_packed_equals_unpacked(metrics, varied_unpacked_tp1)
+    # fewer tokens computed: the throughput counts real tokens, the same pairs but the prompt once when shared
+    assert all(m["tokens_per_sec"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("mode", ["packed", "shared"])
+def test_packed_micro_batches_at_tp2_pp2_dp2_train_as_unpacked_at_tp1(mode, varied_data, varied_step1_checkpoint,
+                                                                      varied_unpacked_tp1, tmp_path):
+    """8 ranks: the data-parallel ranks' pairs pack into different numbers of micro-batches, agreed per step."""
+    metrics = _continue(varied_data, varied_step1_checkpoint, tmp_path, nproc=8, tensor=2, pipeline=2,
+                        extra=[*PACKED_BATCH, *PACKING[mode]])
+    _assert_packed_equals_unpacked(metrics, varied_unpacked_tp1)

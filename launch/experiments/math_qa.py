@@ -90,7 +90,8 @@ def _questions(task: dict, *, seed: int, count: int, tokenizer, max_tokens: int)
         if not all(prepare_data.usable_choice(choice) for choice in choices):
             continue
         prompt = [{"role": "user", "content": task["examples"][index]["input"].strip()}]
-        longest = max(len(tokenizer.encode_response(answer_sentence(choice))) for choice in choices)
+        longest = max(len(tokenizer.encode_response(answer_sentence(choice), prompt=prompt))
+                      for choice in choices)
         if len(tokenizer.encode_prompt(prompt)) + longest > max_tokens:
             continue
         picked.append({"question": f"elementary_math_qa/question_only/{index}", "prompt": prompt,

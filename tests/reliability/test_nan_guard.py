@@ -39,9 +39,9 @@ def _guard_scenarios(ctx, *, data, root):
         trainer.bad_steps.path = root / "skipped_steps.jsonl"  # fit() sets it; the first steps run by hand
     order = list(itertools.islice(iter(ResumableSampler(num_rows=24, seed=cfg.train.seed)), 8))
     poisoned = order[5]  # a row of step 2 (global batch 4)
-    scores = trainer.train_data.init_scores  # the pivot-init reference, held by the last stage
-    if scores is not None:
-        scores["rejected_logps"][poisoned] = math.nan
+    scores = trainer.references.tables["train"]  # the pivot-init reference, held by the last stage
+    if "init_rejected_logps" in scores:
+        scores["init_rejected_logps"][poisoned] = math.nan
 
     trainer.train_step()
     before = _parameters(trainer)
@@ -52,7 +52,7 @@ def _guard_scenarios(ctx, *, data, root):
     assert trainer.scheduler.num_steps == 1  # the LR schedule did not move either
     if ctx.is_logging_rank:
         (record,) = [json.loads(line) for line in (root / "skipped_steps.jsonl").read_text().splitlines()]
-        row = trainer.train_data.dataset.rows[poisoned]
+        row = trainer.datasets["train"].rows[poisoned]
         assert record == {"step": 2, "reason": "NaN/inf loss and NaN/inf gradients",
                           "rows": [{"file": str(data), "line": poisoned + 1, "id": row.id, "index": poisoned}]}
     metrics = trainer.train_step()
@@ -61,8 +61,8 @@ def _guard_scenarios(ctx, *, data, root):
     assert not _same(good, before)
 
     # Every row poisoned: steps 4 and 5 are bad, and two in a row stop the run after saving the last good state.
-    if scores is not None:
-        scores["chosen_logps"][:] = math.nan
+    if "init_chosen_logps" in scores:
+        scores["init_chosen_logps"][:] = math.nan
     with pytest.raises(TrainingHalted, match=r"stopping at step 5: 2 consecutive steps had NaN/inf .* no update "
                                              r"was applied since step 3, .* saved at .*iter_0000005"):
         trainer.fit()
@@ -74,7 +74,7 @@ def _guard_scenarios(ctx, *, data, root):
 
     # Why the guard exists: Megatron's optimizer itself applies NaN gradients (it checks only fp16 loss scaling).
     batches, _ = trainer._next_global_batch()
-    trainer._run_schedule(trainer_forward_step(cfg), batches, forward_only=False)
+    trainer._forward_backward(trainer_forward_step(cfg), batches)
     trainer.optimizer.step()
     assert any(p.isnan().any() for p in _parameters(trainer))
 
