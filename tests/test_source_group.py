@@ -81,7 +81,7 @@ def offline_metrics(online_setup, tmp_path_factory) -> list[dict]:
 @pytest.mark.distributed
 @pytest.mark.parametrize("source_ranks, sharded", [
     # 3 source ranks for 2 sources: one holds the Llama source, two replicas of the Qwen one split each batch.
-    pytest.param(3, (), marks=pytest.mark.newest_mcore),
+    (3, ()),
     # the 6-process world: the Qwen source sharded over both source ranks, two replicas of the Llama one
     (2, ("qwen",)),
 ])

@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu/prepare.sh        .gpu/smoke/: the wheels of the one-command smoke kit (benchmarks/gpu/smoke.sh):
 #                                         megatron-core, trl, datasets (+ dill, multiprocess), omegaconf,
 #                                         mistral-common: what the image lacks (its package list:
-#                                         benchmarks/gpu/image_packages.txt), ~13 MB; SHA256SUMS; the carried total
-#                                         checked against the device tool's 64 MiB with the working tree
+#                                         benchmarks/gpu/image_packages.txt), 10.5 MiB; SHA256SUMS; every need the
+#                                         kit's wheels declare checked against the kit and the image; the carried
+#                                         total checked against the device tool's 64 MiB with the working tree
 #   bash benchmarks/gpu/prepare.sh te     .gpu/wheels/ + .gpu/te/: the multi-call Transformer Engine / FP8 set-up
 #                                         (benchmarks/gpu/README.md "TE and FP8"; device_setup.sh)
 set -euo pipefail
@@ -33,6 +34,40 @@ keep_missing() {
     done
 }
 
+# Every requirement the wheels in $1 declare for Python 3.12 (extras aside) is in $1 or on the image, since smoke.sh
+# installs them --no-deps. mistral-common's are exempt: the pivot reads a tokenizer file of it, never imports it.
+check_needs() {
+    python3 - "$1" benchmarks/gpu/image_packages.txt <<'PY'
+import re, sys, zipfile
+from pathlib import Path
+from packaging.requirements import Requirement
+
+def name(text):
+    return re.sub(r"[-_.]+", "-", text).lower()
+
+kit, image = Path(sys.argv[1]), {name(line) for line in Path(sys.argv[2]).read_text().split()}
+wheels = {name(path.name.split("-")[0]): path for path in kit.glob("*.whl")}
+environment = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+               "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+               "extra": ""}
+missing = []
+for package, path in sorted(wheels.items()):
+    if package == "mistral-common":
+        continue
+    with zipfile.ZipFile(path) as wheel:
+        metadata = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = wheel.read(metadata).decode().splitlines()
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            need = Requirement(line.removeprefix("Requires-Dist:").strip())
+            if (need.marker is None or need.marker.evaluate(environment)) and name(need.name) not in {*wheels, *image}:
+                missing.append(f"{package} needs {need}")
+if missing:
+    sys.exit("neither in the kit nor on the image: " + "; ".join(missing))
+print(f"needs: every requirement of the {len(wheels)} wheels is in the kit or on the image")
+PY
+}
+
 smoke() {
     # Each without its needs (resolving them would pull a CUDA 12 torch): what these need beyond one another is on
     # the image (trl: accelerate, transformers, pandas, pyarrow; datasets: fsspec, huggingface-hub, xxhash, ...).
@@ -47,6 +82,7 @@ smoke() {
             echo "$name is on the image already: leave it out of the kit" >&2; exit 1
         fi
     done
+    check_needs .gpu/smoke
     (cd .gpu/smoke && sha256sum ./*.whl > SHA256SUMS)
     local tree size
     tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
