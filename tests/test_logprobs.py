@@ -3,6 +3,7 @@ import torch
 
 from infifpo_mcore.logprobs import (
     response_positions,
+    response_sequence_hits,
     response_sequence_logps,
     split_responses,
     vocab_parallel_token_logps,
@@ -36,6 +37,17 @@ def _check_vocab_parallel_matches_full_softmax(ctx, *, logits, labels, mask):
     )
     torch.testing.assert_close(sums, _full_vocab_response_sums(logits, labels, mask), rtol=1e-6, atol=1e-5)
     assert lengths.tolist() == mask.sum(-1).tolist()
+
+    # SFT's token accuracy from the shards: per sequence, the response labels that are the full-vocab argmax (every
+    # other label made one here); and per packed slot (here: rows 0 and 2 one sequence, rows 1 and 3 another)
+    labels = torch.where(torch.arange(labels.shape[1]) % 2 == 0, logits.argmax(-1), labels)
+    hits = ((logits.argmax(-1) == labels).float() * mask).sum(-1)
+    assert hits.sum() > 0 and (hits < mask.sum(-1)).any()  # some hits, some misses: the count can be wrong
+    shard_of = selected.chunk(ctx.tensor, dim=-1)[tp_rank]
+    assert response_sequence_hits(logits=shard_of, labels=labels, loss_mask=mask).tolist() == hits.tolist()
+    slots = torch.tensor([0, 1, 0, 1])[:, None].expand_as(mask)
+    assert response_sequence_hits(logits=shard_of, labels=labels, loss_mask=mask, slots=slots).tolist() == \
+        [hits[0] + hits[2], hits[1] + hits[3]]
 
 
 def test_vocab_parallel_logps_at_tp2_equal_full_vocab_log_softmax():

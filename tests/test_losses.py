@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from infifpo_mcore.losses import FUSION_STRATEGIES, LOSSES, compute_loss, wrpo_alpha
+from infifpo_mcore.losses import FUSION_STRATEGIES, LOSSES, LossOptions, compute_loss, wrpo_alpha
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 POLICY_METRICS = ("logps/chosen", "logps/rejected")
@@ -69,6 +69,10 @@ def expected_row(row, *, loss_type, beta, length_norm, clip=False, fusion="mean"
     if loss_type in ("dpo", "ipo"):
         ref_w, ref_l = init_w, init_l
     else:
+        # confidence: each candidate's mean log-prob per token of y_w, before clipping, whatever length_norm says
+        confidence = [s / n for s, n in zip(row["source_w"], row["source_len_w"])]
+        if include_pivot_init:
+            confidence.append(row["init_w"] / row["pivot_len_w"])
         cand_w = [norm(s, n) for s, n in zip(row["source_w"], row["source_len_w"])]
         cand_l = [norm(s, n) for s, n in zip(row["source_l"], row["source_len_l"])]
         num_sources = len(cand_w)
@@ -85,6 +89,11 @@ def expected_row(row, *, loss_type, beta, length_norm, clip=False, fusion="mean"
             ref_w, ref_l = sum(cand_w) / len(cand_w), sum(cand_l) / len(cand_l)
         elif fusion == "sum":
             ref_w, ref_l = sum(cand_w), sum(cand_l)
+        elif fusion == "confidence":
+            weights = [math.exp(m) / sum(math.exp(other) for other in confidence) for m in confidence]
+            ref_w = sum(g * c for g, c in zip(weights, cand_w))
+            ref_l = sum(g * c for g, c in zip(weights, cand_l))
+            expected.update({f"fusion/weight_{k}": g for k, g in enumerate(weights)})
         else:
             distances = [abs((w - l) - (init_w - init_l)) for w, l in zip(cand_w, cand_l)]
             picked = distances.index(max(distances))
@@ -95,7 +104,7 @@ def expected_row(row, *, loss_type, beta, length_norm, clip=False, fusion="mean"
                 expected[f"fusion/picked_source_{k}"] = float(k == picked)
 
     h = (pi_w - ref_w) - (pi_l - ref_l)
-    if loss_type == "ipo":
+    if loss_type in ("ipo", "infifpo_ipo"):
         tau = beta if ipo_tau is None else ipo_tau
         expected["loss"] = (h - 1 / (2 * tau)) ** 2
     else:
@@ -316,7 +325,7 @@ def test_integer_lengths_and_float32_scores_are_accepted():
 
 
 def test_loss_table_lists_every_loss_type():
-    assert set(LOSSES) == {"infifpo", "fpo", "dpo", "ipo", "wrpo"}
+    assert set(LOSSES) == {"infifpo", "fpo", "dpo", "ipo", "wrpo", "infifpo_ipo", "infifpo_wrpo", "sft"}
 
 
 @pytest.mark.parametrize(
@@ -387,9 +396,11 @@ def test_zero_sources_are_reported():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"loss_type": "orpo"}, r"unknown loss type 'orpo'; expected one of \['dpo', 'fpo', 'infifpo', 'ipo', 'wrpo'\]"),
+        ({"loss_type": "orpo"}, r"unknown loss type 'orpo'; expected one of \['dpo', 'fpo', 'infifpo', "
+                                r"'infifpo_ipo', 'infifpo_wrpo', 'ipo', 'sft', 'wrpo'\]"),
         ({"wrpo_alpha": 1.5}, r"wrpo_alpha must be in \[0, 1\], got 1.5"),
-        ({"fusion": "median"}, r"unknown fusion 'median'; expected one of \['mean', 'sum', 'max_margin'\]"),
+        ({"fusion": "median"}, r"unknown fusion 'median'; expected one of \['mean', 'sum', 'max_margin', "
+                               r"'confidence'\]"),
         ({"beta": 0.0}, r"beta and ipo_tau must be > 0"),
         ({"loss_type": "ipo", "ipo_tau": -1.0}, r"beta and ipo_tau must be > 0"),
     ],
@@ -519,3 +530,194 @@ def test_wrpo_alpha_ramps_linearly_to_the_target_at_the_last_step():
                 dict(target=0.5, step=-1, steps=4)):
         with pytest.raises(ValueError, match="need 0 <= target <= 1"):
             wrpo_alpha(**bad)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue #19: InfiFPO with IPO's and WRPO's objectives, confidence fusion, label smoothing, sft_weight, SFT
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=strategy_id)
+def test_infifpo_ipo_matches_hand_computation(strategy):
+    length_norm, clip, fusion, include_pivot_init = strategy
+    assert_matches_hand_computation(random_rows(seed=30), loss_type="infifpo_ipo", beta=0.4, length_norm=length_norm,
+                                    clip=clip, fusion=fusion, include_pivot_init=include_pivot_init, ipo_tau=0.8)
+
+
+def test_infifpo_ipo_is_ipo_when_the_fused_reference_is_the_pivot_init():
+    """One source that equals the pivot init makes the fused reference the init: InfiFPO-IPO is then IPO."""
+    logps = to_logps(random_rows(seed=31, num_sources=1))
+    for kind in ("chosen", "rejected"):
+        logps[f"source_{kind}_logps"] = logps[f"init_{kind}_logps"][:, None].clone()
+        logps[f"source_{kind}_lengths"] = logps[f"policy_{kind}_lengths"][:, None].clone()
+    flags = dict(beta=0.3, length_norm=True, clip=True, fusion="mean", include_pivot_init=False)
+    fused, _ = compute_loss(loss_type="infifpo_ipo", logps=logps, **flags)
+    ipo, _ = compute_loss(loss_type="ipo", logps=logps, **flags)
+    torch.testing.assert_close(fused, ipo, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "confidence"])
+def test_infifpo_ipo_gradient_pulls_the_margin_to_its_target_from_both_sides(fusion):
+    """L = (h - 1/(2 tau))^2: dL/ds_pi(y_w) = 2 (h - 1/(2 tau)) (summed scores), negative below the target (descent
+    raises the chosen), positive above it (descent lowers it), unlike a sigmoid loss, whose push never changes sign."""
+    logps = to_logps(random_rows(seed=32))
+    policy_chosen = logps["policy_chosen_logps"].clone().requires_grad_(True)
+    logps["policy_chosen_logps"] = policy_chosen
+    beta, tau = 0.4, 0.05  # target 1 / (2 tau) = 10: the random rows' margins fall on both sides of it
+    loss, metrics = compute_loss(loss_type="infifpo_ipo", logps=logps, beta=beta, length_norm=False, clip=False,
+                                 fusion=fusion, include_pivot_init=False, ipo_tau=tau)
+    loss.sum().backward()
+    h = metrics["rewards/margins"] / beta
+    torch.testing.assert_close(policy_chosen.grad, 2 * (h - 1 / (2 * tau)))
+    below = h < 1 / (2 * tau)
+    assert below.any() and (~below).any()
+    assert (policy_chosen.grad[below] < 0).all() and (policy_chosen.grad[~below] > 0).all()
+
+
+def test_confidence_fusion_weighs_the_source_surer_of_the_chosen_response_more():
+    # Two sources, per token: A -0.5 on y_w (surer), B -2.5; gammas e^-0.5 / (e^-0.5 + e^-2.5) = 0.8808, 0.1192.
+    logps = {name: torch.tensor(value, dtype=torch.float64) for name, value in {
+        "policy_chosen_logps": [-10.0], "policy_rejected_logps": [-12.0], "policy_chosen_lengths": [10.0],
+        "policy_rejected_lengths": [10.0],
+        "source_chosen_logps": [[-5.0, -15.0]], "source_chosen_lengths": [[10.0, 6.0]],
+        "source_rejected_logps": [[-20.0, -9.0]], "source_rejected_lengths": [[10.0, 6.0]],
+    }.items()}
+    _, metrics = compute_loss(loss_type="infifpo", logps=logps, beta=1.0, length_norm=True, clip=False,
+                              fusion="confidence", include_pivot_init=False)
+    gamma_a = math.exp(-0.5) / (math.exp(-0.5) + math.exp(-2.5))
+    assert metrics["fusion/weight_0"].item() == pytest.approx(gamma_a, rel=1e-12)
+    assert metrics["fusion/weight_1"].item() == pytest.approx(1 - gamma_a, rel=1e-12)
+    # F(y_w) = gamma_a * -0.5 + gamma_b * -2.5; F(y_l) = gamma_a * -2.0 + gamma_b * -1.5; rewards = s_pi - F
+    fused_w, fused_l = gamma_a * -0.5 + (1 - gamma_a) * -2.5, gamma_a * -2.0 + (1 - gamma_a) * -1.5
+    assert metrics["rewards/chosen"].item() == pytest.approx(-1.0 - fused_w, rel=1e-12)
+    assert metrics["rewards/rejected"].item() == pytest.approx(-1.2 - fused_l, rel=1e-12)
+    # Equally confident sources: exactly the mean fusion
+    logps["source_chosen_logps"] = torch.tensor([[-5.0, -3.0]], dtype=torch.float64)
+    flags = dict(beta=1.0, length_norm=True, clip=False, include_pivot_init=False)
+    loss, _ = compute_loss(loss_type="infifpo", logps=logps, fusion="confidence", **flags)
+    mean, _ = compute_loss(loss_type="infifpo", logps=logps, fusion="mean", **flags)
+    torch.testing.assert_close(loss, mean, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "infifpo", "wrpo", "infifpo_wrpo"])
+def test_label_smoothing_matches_conservative_dpo(loss_type):
+    logps = wrpo_logps(seed=32)
+    flags = dict(loss_type=loss_type, beta=0.5, length_norm=True, clip=True, fusion="mean", include_pivot_init=False,
+                 wrpo_alpha=0.4)
+    plain, metrics = compute_loss(logps=logps, **flags)
+    smoothed, _ = compute_loss(logps=logps, label_smoothing=0.2, **flags)
+    h = metrics["rewards/margins"] / 0.5  # beta * h is the margin of the rewards
+    expected = -0.8 * torch.nn.functional.logsigmoid(0.5 * h) - 0.2 * torch.nn.functional.logsigmoid(-0.5 * h)
+    torch.testing.assert_close(smoothed, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(plain, -torch.nn.functional.logsigmoid(0.5 * h), rtol=1e-12, atol=1e-12)
+
+
+def test_label_smoothing_stops_pushing_the_margin_past_its_optimum():
+    """dL/dh = -beta (1 - eps) sigmoid(-beta h) + beta eps sigmoid(beta h) vanishes at beta h* = log((1 - eps) / eps)
+    (log 4 at eps = 0.2): below it descent raises the chosen log-prob, above it lowers it; the plain loss always
+    raises it."""
+    margins = torch.tensor([-2.0, 0.0, 1.0, 1.3, 1.5, 3.0, 8.0], dtype=torch.float64)  # beta h, beta = 1
+    chosen = (-10.0 + margins).requires_grad_(True)
+    others = ("policy_rejected_logps", "init_chosen_logps", "init_rejected_logps")
+    logps = {"policy_chosen_logps": chosen, **{name: torch.full_like(margins, -10.0) for name in others}}
+    flags = dict(loss_type="dpo", beta=1.0, length_norm=False, clip=False, fusion="mean", include_pivot_init=False)
+    (smoothed,) = torch.autograd.grad(compute_loss(logps=logps, label_smoothing=0.2, **flags)[0].sum(), chosen)
+    (plain,) = torch.autograd.grad(compute_loss(logps=logps, **flags)[0].sum(), chosen)
+    assert (plain < 0).all()
+    assert (torch.sign(smoothed) == torch.where(margins < math.log(4.0), -1.0, 1.0)).all(), smoothed
+    torch.testing.assert_close(smoothed, -0.8 * torch.sigmoid(-margins) + 0.2 * torch.sigmoid(margins))
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "infifpo_ipo", "sft"])
+def test_label_smoothing_is_refused_where_there_is_no_sigmoid(loss_type):
+    with pytest.raises(ValueError, match=rf"applies to the sigmoid losses only; got 0.1 for loss type '{loss_type}'"):
+        compute_loss(loss_type=loss_type, logps=wrpo_logps(seed=33), beta=0.5, length_norm=True, clip=False,
+                     fusion="mean", include_pivot_init=False, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "infifpo", "wrpo"])
+def test_sft_weight_adds_the_chosen_nll_per_token_and_pulls_the_chosen_up(loss_type):
+    logps = wrpo_logps(seed=34)
+    flags = dict(loss_type=loss_type, beta=0.5, length_norm=False, clip=False, fusion="sum", include_pivot_init=False,
+                 wrpo_alpha=0.3)
+    leaf = logps["policy_chosen_logps"].clone().requires_grad_(True)
+    base, _ = compute_loss(logps=dict(logps, policy_chosen_logps=leaf), **flags)
+    (base_grad,) = torch.autograd.grad(base.sum(), leaf)
+    with_nll, metrics = compute_loss(logps=dict(logps, policy_chosen_logps=leaf), sft_weight=0.7, **flags)
+    nll = -logps["policy_chosen_logps"] / logps["policy_chosen_lengths"]
+    torch.testing.assert_close(metrics["nll/chosen"], nll, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(with_nll, base.detach() + 0.7 * nll, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(with_nll.sum(), leaf)
+    # d/d l(y_w) of 0.7 * -l / |y_w|: -0.7 / |y_w|, a push up of the chosen log-prob on top of the preference's
+    torch.testing.assert_close(grad - base_grad, -0.7 / logps["policy_chosen_lengths"], rtol=1e-12, atol=1e-12)
+    # TRL's rpo_alpha averages over all chosen tokens of its batch: the same number when the lengths are equal
+    equal = dict(logps, policy_chosen_lengths=torch.full_like(logps["policy_chosen_lengths"], 7.0))
+    ours = compute_loss(logps=equal, sft_weight=1.0, **flags)[1]["nll/chosen"].mean()
+    assert ours.item() == pytest.approx((-equal["policy_chosen_logps"].sum() / (7.0 * len(leaf))).item(), rel=1e-12)
+
+
+def test_sft_loss_is_the_nll_sum_of_each_chosen_response():
+    logps = {"policy_chosen_logps": torch.tensor([-3.0, -7.5], dtype=torch.float64, requires_grad=True),
+             "policy_chosen_lengths": torch.tensor([2.0, 5.0], dtype=torch.float64)}
+    loss, metrics = compute_loss(loss_type="sft", logps=logps, beta=0.1, length_norm=True, clip=True, fusion="mean",
+                                 include_pivot_init=False)
+    assert loss.tolist() == [3.0, 7.5] and metrics["logps/chosen"].tolist() == [-3.0, -7.5]
+    loss.sum().backward()
+    assert logps["policy_chosen_logps"].grad.tolist() == [-1.0, -1.0]  # descent raises every chosen log-prob
+    assert LOSSES["sft"].token_level and LOSSES["sft"].responses == ("chosen",)
+    assert not LOSSES["sft"].needs_init_scores(LossOptions(beta=0.1, length_norm=True, clip=True, fusion="max_margin",
+                                                           include_pivot_init=True))
+    with pytest.raises(ValueError, match="sft_weight must be >= 0 and applies to the preference losses only"):
+        compute_loss(loss_type="sft", logps=logps, beta=0.1, length_norm=True, clip=True, fusion="mean",
+                     include_pivot_init=False, sft_weight=0.5)
+
+
+def _fused_wrpo(logps, *, alpha, **flags):
+    settings = dict(beta=0.3, length_norm=True, clip=True, fusion="mean", include_pivot_init=False) | flags
+    return compute_loss(loss_type="infifpo_wrpo", logps=logps, wrpo_alpha=alpha, **settings)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max_margin", "confidence"])
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_infifpo_wrpo_matches_hand_computation(alpha, fusion):
+    """WRPO's margin with InfiFPO's fused reference for y_ws and y_l; y_wt against the pivot init."""
+    logps = wrpo_logps(seed=35)
+    rows = random_rows(seed=35)
+    loss, metrics = _fused_wrpo(logps, alpha=alpha, fusion=fusion)
+    for index, row in enumerate(rows):
+        infifpo = expected_row(row, loss_type="infifpo", beta=0.3, length_norm=True, clip=True, fusion=fusion)
+        source_delta = infifpo["rewards/chosen"] / 0.3  # s_pi(y_ws) - F(y_ws)
+        rejected_delta = infifpo["rewards/rejected"] / 0.3
+        length = logps["policy_chosen_pivot_lengths"][index].item()
+        pivot_delta = (logps["policy_chosen_pivot_logps"][index].item()
+                       - logps["init_chosen_pivot_logps"][index].item()) / length
+        h = alpha * source_delta + (1 - alpha) * pivot_delta - rejected_delta
+        assert loss[index].item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.3 * h))), rel=1e-12)
+        assert metrics["rewards/chosen_source"][index].item() == pytest.approx(0.3 * source_delta, rel=1e-12)
+        assert metrics["rewards/chosen_pivot"][index].item() == pytest.approx(0.3 * pivot_delta, rel=1e-12)
+        for name in ("fusion/clip_rate_chosen", "fusion/clip_rate_rejected"):
+            assert metrics[name][index].item() == pytest.approx(infifpo[name])
+    assert set(LOSSES["infifpo_wrpo"].metrics) <= set(metrics)
+
+
+def test_infifpo_wrpo_at_alpha_1_is_infifpo_and_its_gradient_splits_the_chosen_push_by_alpha():
+    logps = wrpo_logps(seed=36)
+    flags = dict(beta=0.3, length_norm=False, clip=True, fusion="max_margin", include_pivot_init=False)
+    at_one, _ = _fused_wrpo(logps, alpha=1.0, **flags)
+    infifpo, _ = compute_loss(loss_type="infifpo", logps=logps, **flags)
+    torch.testing.assert_close(at_one, infifpo, rtol=0, atol=0)
+    names = ("policy_chosen_logps", "policy_chosen_pivot_logps", "policy_rejected_logps")
+    leaves = {name: logps[name].clone().requires_grad_(True) for name in names}
+    loss, metrics = _fused_wrpo(logps | leaves, alpha=0.25, **flags)
+    loss.sum().backward()
+    dh = -0.3 * torch.sigmoid(-metrics["rewards/margins"])
+    torch.testing.assert_close(leaves["policy_chosen_logps"].grad, 0.25 * dh)
+    torch.testing.assert_close(leaves["policy_chosen_pivot_logps"].grad, 0.75 * dh)
+    torch.testing.assert_close(leaves["policy_rejected_logps"].grad, -dh)
+
+
+def test_wrpo_alpha_follows_the_authors_schedule_from_0_at_the_first_step():
+    """SLIT-AI/WRPO: LinearDecayScheduler(start_value=0, end_value=alpha, start_step=0, end_step=K) read at the
+    Trainer's global_step, which is 0 during the first optimizer step and K - 1 during the last."""
+    steps, target = 5, 0.1  # their Llama-3-8B config: alpha 0.1
+    authors = [0 + (target - 0) * ((global_step - 0) / steps) for global_step in range(steps)]
+    assert [wrpo_alpha(target=target, step=completed, steps=steps) for completed in range(steps)] == \
+        pytest.approx(authors, rel=0, abs=1e-15)
+    assert authors[0] == 0.0 and authors[-1] == pytest.approx(0.08)

@@ -305,6 +305,17 @@ def test_summary_reports_the_numbers(tmp_path):
     assert str(tmp_path / "metrics.jsonl") in text
 
 
+def test_the_summary_of_an_sft_run_reports_its_token_accuracy():
+    history = [{"loss": 3.0 - step / 10, "token_accuracy": step / 10} for step in range(1, 6)]
+    summary = summarize_run(history=history, accuracy_window=2, tokens_per_sec=1.0, wall_seconds=1.0,
+                            reference="none", checkpoint_path=None, metrics_path=None,
+                            eval_metrics={"eval/loss": 2.5, "eval/token_accuracy": 0.25})
+    text = format_summary(summary)
+    assert "token accuracy:" in text and "0.450 (mean of last 2 steps)" in text
+    assert "held-out:" in text and "loss 2.5000, token accuracy 0.250" in text
+    assert "reward accuracy" not in text
+
+
 def test_summary_of_a_run_without_steps():
     summary = summarize_run(history=[], tokens_per_sec=0.0, wall_seconds=1.0, reference="pivot init (DPO)",
                             checkpoint_path=None, metrics_path=None)

@@ -223,3 +223,16 @@ def test_streamed_scores_are_checked_row_by_row_against_the_rows_trained_on(tmp_
     wrong = _scores_message([0, 1, 2], other_rows, table)
     with pytest.raises(SourceGroupError, match=rf"2 row\(s\) .* e.g. dataset row 1 \({path}:2\), dataset row 2"):
         unpack_scores(wrong, dataset=refs.datasets["train"], path=str(path), num_sources=1, what="step 0")
+
+
+def test_a_run_from_other_weights_drops_the_cached_init_scores_and_scores_them_itself(tmp_path, tokenizer):
+    """The recipe's preference stage starts from an SFT run's weights: the data's ref_* describe another model."""
+    path = write_rows(tmp_path / "prefs.jsonl", row(ref_chosen_logps=-3.0, ref_rejected_logps=-4.0,
+                                                    **fused([-2.0], [-3.0], [-1.0], [-1.5])))
+    refs = references(config(path, "loss.type=infifpo", "loss.clip=true", eval_path=path), tokenizer)
+    assert refs.unscored_responses("train") == []
+    assert refs.drop_cached_init() == ["train", "eval"]
+    assert refs.unscored_responses("train") == refs.unscored_responses("eval") == ["chosen", "rejected"]
+    assert "source_chosen_logps" in refs.tables["train"]  # the sources' scores stay
+    sft = references(config(path, "loss.type=sft"), tokenizer)
+    assert sft.needed == () and sft.unscored_responses("train") == [] and sft.drop_cached_init() == []

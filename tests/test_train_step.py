@@ -34,3 +34,13 @@ def test_every_option_a_loss_reads_is_a_config_key():
     schedules from loss.wrpo_alpha: an option cannot be added to the losses without a key reaching it."""
     read = {field.name for field in dataclasses.fields(LossOptions)} - {"wrpo_alpha"}
     assert read <= {field.name for field in dataclasses.fields(LossConfig)}
+
+
+def test_sft_rows_lose_their_summed_response_nll_which_the_trainer_divides_by_the_response_tokens():
+    """SFT's per-row loss is the chosen response's NLL summed over its tokens (train_step's module docstring: the
+    micro-batch returns their sum with its response-token count, so Megatron's per-token loss gives the global token
+    mean); a preference loss's row loss does not depend on the response lengths that way."""
+    loss = load_config(overrides=["loss.type=sft"]).loss
+    row_losses, metrics = loss_rows({"chosen": RESPONSES["chosen"]}, {}, loss, wrpo_alpha=0.0)
+    torch.testing.assert_close(row_losses, torch.tensor([12.0, 30.0]))
+    torch.testing.assert_close(metrics["logps/chosen"], torch.tensor([-12.0, -30.0]))

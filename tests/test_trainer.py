@@ -361,7 +361,8 @@ def test_wrpo_at_tp2_pp2_equals_tp1_resuming_with_the_init_scores_of_the_pivot_c
                                pipeline=pipeline, extra=WRPO)
     _assert_same_losses(runs["tp2pp2"], runs["tp1"], rtol=1e-5)
     tp1 = runs["tp1"]
-    assert [m["wrpo/alpha"] for m in tp1] == pytest.approx([0.6 * step / STEPS for step in range(2, STEPS + 1)])
+    # SLIT-AI/WRPO's ramp: alpha = target x (steps done before this one) / steps, 0 at the first step
+    assert [m["wrpo/alpha"] for m in tp1] == pytest.approx([0.6 * (step - 1) / STEPS for step in range(2, STEPS + 1)])
     assert all(math.isfinite(m["loss"]) for m in tp1) and len({round(m["loss"], 6) for m in tp1}) == len(tp1)
     for m in tp1:
         mixed = m["wrpo/alpha"] * m["rewards/chosen_source"] + (1 - m["wrpo/alpha"]) * m["rewards/chosen_pivot"]
@@ -385,7 +386,8 @@ def test_wrpo_whose_pivot_chosen_is_the_chosen_trains_exactly_as_dpo(small_data,
     for got, want in zip(runs["wrpo"], runs["dpo"], strict=True):
         for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key  # alpha*x + (1-alpha)*x: rounding
-    assert runs["wrpo"][-1]["wrpo/alpha"] == pytest.approx(0.7)
+    # alpha 0, 0.7/3, 1.4/3: DPO's steps for every alpha, 0 included
+    assert [m["wrpo/alpha"] for m in runs["wrpo"]] == pytest.approx([0.0, 0.7 / 3, 1.4 / 3])
 
 
 def test_wrpo_refuses_data_without_chosen_pivot_and_a_checkpoint_without_its_init_scores(
@@ -454,6 +456,101 @@ def test_a_null_micro_batch_size_takes_the_largest_that_fits(small_data, tmp_pat
     assert "train.micro_batch_size null: 4 pair(s) per micro-batch, estimated" in result.stderr
     assert "train:\n  micro_batch_size: 4\n" in (tmp_path / "config.yaml").read_text()
     assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SFT (issue #19): a token-level loss through the pipeline, and the recipe's SFT -> preference step
+SFT = ["loss.type=sft", "logging.eval_rows=true"]
+
+
+@pytest.fixture(scope="module")
+def sft_step1(small_data, tmp_path_factory) -> Path:
+    """One SFT step at TP 1, saved, with the held-out log-probs of the random init (step 0) and after the step
+    (step 1) dumped: the SFT layouts below start from its checkpoint (run_dir/ckpt)."""
+    root = tmp_path_factory.mktemp("sft_step1")
+    run_training(nproc=1, overrides=_overrides(small_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
+                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
+                                               "train.eval_on_start=true", *SFT))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sft_tp1_run(small_data, sft_step1, tmp_path_factory) -> list[dict]:
+    return _continue(small_data, sft_step1 / "ckpt", tmp_path_factory.mktemp("sft_tp1"), nproc=1, tensor=1,
+                     pipeline=1, extra=SFT)
+
+
+def _assert_same_sft_losses(ours: list[dict], reference: list[dict]) -> None:
+    assert [m["step"] for m in ours] == [m["step"] for m in reference] == list(range(2, STEPS + 1))
+    for got, want in zip(ours, reference):
+        for key in ("loss", "token_accuracy", "grad_norm", *(("eval/loss", "eval/token_accuracy")
+                                                             if "eval/loss" in want else ())):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+
+
+def test_sft_trains_on_the_token_mean_of_the_global_batch(small_data, sft_step1, sft_tp1_run):
+    assert all({"loss", "token_accuracy", "grad_norm"} <= m.keys() for m in sft_tp1_run)
+    assert "rewards/accuracies" not in sft_tp1_run[0] and "logps/chosen" not in sft_tp1_run[0]
+    assert sft_tp1_run[-1]["loss"] < sft_tp1_run[0]["loss"]  # the NLL goes down
+    # eval/loss is the held-out NLL per response token: the dumped per-row sums over the dumped token counts
+    rows = [json.loads(line) for line in (sft_step1 / "eval_rows" / "step_000001.jsonl").read_text().splitlines()]
+    metrics = {m["step"]: m for m in read_metrics(sft_step1)}
+    nll = -sum(row["policy_chosen_logps"] for row in rows) / sum(row["policy_chosen_lengths"] for row in rows)
+    assert metrics[1]["eval/loss"] == pytest.approx(nll, rel=1e-5)
+    assert sum(row["token_hits"] for row in rows) / sum(row["policy_chosen_lengths"] for row in rows) == \
+        pytest.approx(metrics[1]["eval/token_accuracy"], rel=1e-5)
+
+
+def test_sft_at_tp2_pp2_equals_tp1(small_data, sft_step1, sft_tp1_run, tmp_path):
+    metrics = _continue(small_data, sft_step1 / "ckpt", tmp_path, nproc=4, tensor=2, pipeline=2, extra=SFT)
+    _assert_same_sft_losses(metrics, sft_tp1_run)
+
+
+def test_sft_gradient_is_the_global_token_mean_whatever_the_micro_batches_and_data_parallel_size(
+    small_data, sft_step1, sft_tp1_run, tmp_path
+):
+    """The rows' responses differ in length; DP 2 with one unpacked row per micro-batch gives TP 1's steps (packed
+    micro-batches of two rows): a mean of per-micro-batch or per-rank token means would not."""
+    lengths = {json.loads(line)["chosen"][0]["content"].count(" ") for line in small_data.read_text().splitlines()}
+    assert len(lengths) > 1
+    metrics = _continue(small_data, sft_step1 / "ckpt", tmp_path, nproc=2, tensor=1, pipeline=1,
+                        extra=[*SFT, "train.micro_batch_size=1", "data.packing=false"])
+    _assert_same_sft_losses(metrics, sft_tp1_run)
+
+
+def test_a_preference_run_from_an_sft_checkpoint_starts_at_step_0_with_it_as_the_pivot_init(
+    small_data, sft_step1, tmp_path
+):
+    """DPO from the SFT checkpoint, on data whose cached ref_* scores describe another model (made up here): the
+    run starts at step 0 and its reference is the SFT weights' own scores."""
+    from safetensors.torch import load_file
+
+    for name in ("prefs.jsonl", "eval.jsonl"):
+        rows = [json.loads(line) for line in small_data.with_name(name).read_text().splitlines()]
+        (tmp_path / name).write_text("".join(json.dumps(row | {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0})
+                                             + "\n" for row in rows))
+    result = run_training(nproc=1, overrides=_overrides(
+        tmp_path / "prefs.jsonl", tmp_path / "run", f"checkpoint.load={sft_step1 / 'ckpt'}",
+        f"checkpoint.save={tmp_path / 'ckpt'}", "parallel.tensor=1", "parallel.pipeline=1", "train.steps=2",
+        "loss.type=dpo"))
+    assert "an SFT run's checkpoint (step 1): this dpo stage starts from them at step 0" in result.stderr
+    assert "the cached ref_* scores of the train and eval data describe another model and are not used" in \
+        result.stderr
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2]  # a new run: step 0, a fresh data position and LR schedule
+    assert metrics[0]["lr"] == pytest.approx(2e-3)  # a fresh schedule's first step: warmup 1 reaches train.lr
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # the policy is its reference at step 1
+    state = json.loads((tmp_path / "ckpt" / "iter_0000002" / "train_state.json").read_text())
+    assert state["step"] == 2 and state["loss_type"] == "dpo" and state["sampler"]["consumed"] == 8
+    # The reference (pivot-init scores) is the SFT model's log-probs, not the random init's
+    scores = load_file(tmp_path / "ckpt" / "iter_0000002" / "pivot_init_scores.safetensors")
+
+    def dumped(step: int) -> torch.Tensor:
+        path = sft_step1 / "eval_rows" / f"step_{step:06d}.jsonl"
+        return torch.tensor([json.loads(line)["policy_chosen_logps"] for line in path.read_text().splitlines()])
+
+    torch.testing.assert_close(scores["eval/chosen_logps"], dumped(1), rtol=1e-5, atol=1e-4)
+    assert (scores["eval/chosen_logps"] - dumped(0)).abs().max() > 0.1
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ and WRPO, and InfiFPO with one strategy switched off at a time. One command per 
     python launch/experiments/math_qa.py prepare   # questions -> pairs, the pivot's own answers (WRPO), conversion
     python launch/experiments/math_qa.py score     # pivot init + both sources score every pair (resumable)
     python launch/experiments/math_qa.py train     # every method x seed (a finished run is skipped)
+
+The paper's recipe (docs/recipe.md): ``prepare --sft-questions N`` keeps the first N training questions for an SFT
+stage (data/sft.jsonl, TRL's prompt/completion rows); ``train`` then first fine-tunes the pivot on them (run
+``sft-seed{seed}``, ``--sft-epochs``) and starts every preference method of that seed from its checkpoint, on the
+other questions' pairs.
     python launch/experiments/math_qa.py report    # table, curves (PNG), results.json -> docs/experiment/
 
 Everything lands in ``--work`` (default runs/math_qa); the report goes to docs/experiment/. Models come from pip
@@ -177,6 +182,11 @@ def prepare(args) -> None:
     questions = _questions(task, seed=args.seed, count=args.train_questions + args.heldout_questions,
                            tokenizer=tokenizer, max_tokens=args.seq_length)
     train, heldout = questions[:args.train_questions], questions[args.train_questions:]
+    sft, train = train[:args.sft_questions], train[args.sft_questions:]
+    if sft:  # the recipe's SFT stage: the correct answer as the completion (TRL's SFT rows)
+        _write_jsonl(work / "data" / "sft.jsonl", [
+            {"id": question["question"], "prompt": question["prompt"],
+             "completion": answer_sentence(question["correct"]), "canary": task["canary"]} for question in sft])
     rng = random.Random(args.seed)
     pivot_answers = _pivot_answers(train, samples=args.pivot_samples, seed=args.seed)
     train_rows = []
@@ -195,7 +205,8 @@ def prepare(args) -> None:
         row["chosen_pivot"] = row["chosen"]
     _write_jsonl(work / "data" / "train_pairs.jsonl", train_rows)
     _write_jsonl(work / "data" / "heldout_pairs.jsonl", heldout_rows)
-    facts = {"train_questions": len(train), "heldout_questions": len(heldout), "heldout_pairs": len(heldout_rows),
+    facts = {"sft_questions": len(sft), "train_questions": len(train), "heldout_questions": len(heldout),
+             "heldout_pairs": len(heldout_rows),
              "pivot_correct_samples": len(pivot_answers), "pivot_samples_per_question": args.pivot_samples,
              "seq_length": args.seq_length, "seed": args.seed}
     (work / "data" / "facts.json").write_text(json.dumps(facts, indent=2))
@@ -253,21 +264,37 @@ def _run_dir(work: Path, method: str, seed: int) -> Path:
     return work / "runs" / f"{method}-seed{seed}"
 
 
+def _sft_overrides(work: Path, args) -> list[str]:
+    """The recipe's SFT stage: the converted pivot fine-tuned on data/sft.jsonl for --sft-epochs epochs, saved."""
+    rows = len(_read_jsonl(work / "data" / "sft.jsonl"))
+    batch = load_config(path=CONFIG).train.global_batch_size
+    steps = max(-(-args.sft_epochs * rows // batch), 2)
+    return ["loss.type=sft", f"data.path={work / 'data' / 'sft.jsonl'}", f"train.steps={steps}",
+            f"train.eval_interval={steps}", "logging.eval_rows=false"]
+
+
 def train(args) -> None:
     work = args.work
     facts = json.loads((work / "data" / "facts.json").read_text())
+    recipe = (work / "data" / "sft.jsonl").is_file()
     for seed in args.seeds:
-        for method in args.methods:
+        for method in (["sft"] if recipe else []) + args.methods:
             run_dir = _run_dir(work, method, seed)
             if (run_dir / "done.json").is_file():
                 print(f"{run_dir.name}: done already", flush=True)
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
-            overrides = [f"run_dir={run_dir}", f"checkpoint.load={work / 'pivot_mcore'}",
+            # The recipe's preference stages start from the SFT run's checkpoint (a new run from its weights)
+            start = _run_dir(work, "sft", seed) / "checkpoints" if recipe and method != "sft" else work / "pivot_mcore"
+            overrides = [f"run_dir={run_dir}", f"checkpoint.load={start}",
                          f"data.path={work / 'data' / 'train.jsonl'}",
                          f"data.eval_path={work / 'data' / 'heldout.jsonl'}",
-                         f"model.seq_length={facts['seq_length']}", f"train.seed={seed}", *METHODS[method],
-                         *args.override]
+                         f"model.seq_length={facts['seq_length']}", f"train.seed={seed}"]
+            if method == "sft":
+                overrides += [*_sft_overrides(work, args), f"checkpoint.save={run_dir / 'checkpoints'}"]
+            else:
+                overrides += METHODS[method]
+            overrides += args.override
             if method == args.methods[0] and seed == args.seeds[0]:
                 overrides.append("train.eval_on_start=true")  # the pivot before training: the same for every run
             command = ["torchrun", "--nproc_per_node", "1", str(REPO / "launch" / "pretrain_infifpo.py"),
@@ -331,6 +358,8 @@ def report(args) -> None:
         if not (run_dir / "done.json").is_file():
             continue
         method = run_dir.name.rsplit("-seed", 1)[0]
+        if method not in METHODS:  # the recipe's SFT stage: its held-out pairs are not evaluated as choices
+            continue
         metrics = {entry["step"]: entry for entry in map(json.loads, (run_dir / "metrics.jsonl").open())}
         for dump_path in sorted((run_dir / "eval_rows").glob("step_*.jsonl")):
             step = int(dump_path.stem.split("_")[1])
@@ -410,7 +439,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "math_qa")
     parser.add_argument("--archive", type=Path, help="bigbench-1.0.0.tar.gz (downloaded with pip when omitted)")
     parser.add_argument("--seed", type=int, default=2505, help="question split and pair sampling")
-    parser.add_argument("--train-questions", type=int, default=192)
+    parser.add_argument("--train-questions", type=int, default=192,
+                        help="training questions, the SFT stage's (--sft-questions) among them")
+    parser.add_argument("--sft-questions", type=int, default=0,
+                        help="prepare: the first N training questions go to an SFT stage (0: no SFT stage)")
+    parser.add_argument("--sft-epochs", type=int, default=3, help="train: epochs of the SFT stage (the paper's 3)")
     parser.add_argument("--heldout-questions", type=int, default=32)
     parser.add_argument("--pivot-samples", type=int, default=4, help="pivot answers sampled per training question")
     parser.add_argument("--seq-length", type=int, default=160, help="pivot tokens, prompt + longest answer")
