@@ -79,7 +79,8 @@ def _trainer(size: Size, out: Path, work: Path) -> tuple[list[str], Callable[[di
     shape = common.SHAPES[size.model]
     work.mkdir(parents=True, exist_ok=True)
     data = common.write_preference_data(work / "trainer_pairs.jsonl", rows=size.global_batch_size * size.trainer_steps,
-                                        prompt_words=size.seq_length // 4, response_words=size.seq_length)
+                                        prompt_words=size.seq_length // 4, response_words=size.seq_length,
+                                        fill_tokens=size.seq_length)
     overrides = common.training_overrides(
         shape=shape, data=data, run_dir=work / "trainer", seq_length=size.seq_length, micro_batch_size=1,
         global_batch_size=size.global_batch_size, steps=size.trainer_steps, precision=size.precision) + [

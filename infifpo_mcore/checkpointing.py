@@ -366,7 +366,8 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None, vocab_size: int
     """Loads the model (and the optimizer and this rank's RNG states when given and present) into this layout;
     returns the train state. ``vocab_size``: the unpadded vocabulary, which lets the vocabulary padding differ.
 
-    A model-only checkpoint (e.g. converted from HF) returns ``{}``: training starts at step 0 from those weights.
+    A model-only checkpoint (e.g. converted from HF) returns ``{}``: training starts at step 0 from those weights;
+    a given optimizer's main weights (bf16: fp32 copies made when it was built) are refreshed from them.
     """
     directory = resolve_checkpoint(path)
     metadata = verify_checkpoint_files(directory)
@@ -391,6 +392,8 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None, vocab_size: int
             state = _other_optimizer_format(template["optimizer"], loaded["optimizer"], weights)
         optimizer.load_state_dict(state)
         _load_rng(directory, train_state)
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # else the first step would write the built model's weights back
     return train_state
 
 

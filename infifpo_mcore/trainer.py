@@ -327,6 +327,7 @@ class Trainer:
         saved_state = json.loads(saved.read_text()) if saved.is_file() else {}
         if starts_a_new_stage(saved_state, loss_type=str(self.cfg.loss.type)):
             checkpointing.load_checkpoint(path=path, model_chunks=self.model, vocab_size=self.unpadded_vocab_size)
+            self.optimizer.reload_model_params()  # bf16: its fp32 main weights were copied from the built model
             dropped = self.references.drop_cached_init()
             if self.ctx.rank == 0:
                 logger.info("loaded the weights of %s, an SFT run's checkpoint (step %d): this %s stage starts from "
