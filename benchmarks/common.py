@@ -233,9 +233,12 @@ def _version(package: str) -> str | None:
 
 def environment() -> dict:
     """Where and how the figures were taken: device, versions, the command, the date, the commit."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True)
+    except OSError:  # no git (the GPU machine's copy of the tree): the smoke kit records a source fingerprint
+        commit = dirty = subprocess.CompletedProcess([], 1, "", "")
     cuda = torch.cuda.is_available()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -22,6 +22,11 @@ non-tensor items of ``*.distcp`` with ``weights_only=False``; ``verify_checkpoin
 Model tensors are stored per parameter, so a checkpoint loads into any TP/PP/DP layout; optimizer state likewise
 (Megatron's per-parameter formats: ``fully_reshardable`` for the distributed optimizer). Before loading, the tensor
 shapes stored are compared with the model's, so a checkpoint of another model shape or family is refused by name.
+
+The two optimizers store Adam's moments under the same keys (``optimizer.state.exp_avg.<parameter>``) but their main
+weights and step count differently, so a run with the distributed optimizer can resume a checkpoint of the plain one
+and back (``parallel.distributed_optimizer: auto`` switches with the data-parallel size), and a bf16 run an fp32 one
+(whose model weights are its main weights): ``_retarget_main_weights``, ``_other_optimizer_format``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 from megatron.core.distributed import DistributedDataParallel
 from safetensors.torch import load_file, save_file
 
@@ -56,6 +62,9 @@ INIT_SCORES = "pivot_init_scores.safetensors"
 RNG_DIR = "rng"
 # Megatron's canonical per-parameter optimizer layout: a checkpoint resumes at any TP / PP / DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Main (fp32) weights: the distributed optimizer's key prefix, the plain bf16 optimizer's; the plain fp32 optimizer
+# steps the model's weights themselves and stores none.
+_MAIN_WEIGHT_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")
 
 
 def check_disk_space(*, root: Path, parameters: int, precision: str) -> None:
@@ -231,8 +240,19 @@ def _bare(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def _model_sharded_state_dict(model_chunks) -> dict:
-    (chunk,) = model_chunks
-    return {"model": _bare(chunk).sharded_state_dict()}
+    """The model's tensors under "model" (several chunks of a virtual pipeline: one entry each). Their keys are
+    global (layer offsets included), so any layout, with or without a virtual pipeline, reads them."""
+    if len(model_chunks) == 1:
+        return {"model": _bare(model_chunks[0]).sharded_state_dict()}
+    return {"model": {f"chunk{index}": _bare(chunk).sharded_state_dict() for index, chunk in enumerate(model_chunks)}}
+
+
+def _load_model(model_chunks, loaded: dict) -> None:
+    if len(model_chunks) == 1:
+        _bare(model_chunks[0]).load_state_dict(loaded)
+        return
+    for index, chunk in enumerate(model_chunks):
+        _bare(chunk).load_state_dict(loaded[f"chunk{index}"])
 
 
 def _rng_file(directory: Path) -> Path:
@@ -317,7 +337,8 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None, vocab_size: int
     """Loads the model (and the optimizer and this rank's RNG states when given and present) into this layout;
     returns the train state. ``vocab_size``: the unpadded vocabulary, which lets the vocabulary padding differ.
 
-    A model-only checkpoint (e.g. converted from HF) returns ``{}``: training starts at step 0 from those weights.
+    A model-only checkpoint (e.g. converted from HF) returns ``{}``: training starts at step 0 from those weights;
+    a given optimizer's main weights (bf16: fp32 copies made when it was built) are refreshed from them.
     """
     directory = resolve_checkpoint(path)
     metadata = verify_checkpoint_files(directory)
@@ -326,14 +347,115 @@ def load_checkpoint(*, path: Path, model_chunks, optimizer=None, vocab_size: int
     template = _model_sharded_state_dict(model_chunks)
     _check_shapes(directory, metadata, template, vocab_size=vocab_size)
     with_optimizer = optimizer is not None and train_state.get("has_optimizer", False)
+    converting, from_model = False, {}
     if with_optimizer:
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True, metadata=OPTIMIZER_METADATA)
+        template["optimizer"], from_model = _retarget_main_weights(template["optimizer"],
+                                                                    set(metadata.state_dict_metadata))
+        converting = bool(from_model) or _is_distributed(template["optimizer"]) != _saved_distributed(metadata)
     loaded = dist_checkpointing.load(template, str(directory))
-    _bare(model_chunks[0]).load_state_dict(loaded["model"])
+    _load_model(model_chunks, loaded["model"])
     if with_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        state = loaded["optimizer"]
+        if converting:
+            # a key is read once per load: the model weights standing in for main weights get a load of their own
+            weights = dist_checkpointing.load(from_model, str(directory)) if from_model else {}
+            state = _other_optimizer_format(template["optimizer"], loaded["optimizer"], weights)
+        optimizer.load_state_dict(state)
         _load_rng(directory, train_state)
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # else the first step would write the built model's weights back
     return train_state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resuming the plain optimizer's checkpoint with the distributed optimizer, and back
+class _ModelWeight:
+    """Stands in a template for a main weight read from the model weight (``name`` in the second load)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _is_distributed(optimizer_state: dict) -> bool:
+    return "param_state" in optimizer_state  # DistributedOptimizer.sharded_state_dict's per-parameter part
+
+
+def _saved_distributed(metadata) -> bool:
+    return any(key.startswith(_MAIN_WEIGHT_PREFIXES[0]) for key in metadata.state_dict_metadata)
+
+
+def _retarget_main_weights(template, saved: set[str]) -> tuple[object, dict[str, ShardedBase]]:
+    """``template`` with each main-weight tensor the checkpoint lacks reading the other optimizer's main weight of
+    that parameter, or else the model weight itself (what a plain fp32 optimizer steps): those become
+    ``_ModelWeight`` placeholders, returned beside it as ``{name: tensor}`` to load separately."""
+    from_model = {}
+
+    def retarget(node):
+        if isinstance(node, dict):
+            return {key: retarget(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [retarget(value) for value in node]
+        # a ShardedTensor, or a ShardedTensorFactory (SwiGLU's fc1 weight: its two halves) building them
+        key = node.key if isinstance(node, ShardedBase) and isinstance(getattr(node, "key", None), str) else ""
+        prefix = next((p for p in _MAIN_WEIGHT_PREFIXES if key.startswith(p)), None)
+        if prefix is None or key in saved:
+            return node
+        parameter = node.key.removeprefix(prefix)
+        other = next((o + parameter for o in _MAIN_WEIGHT_PREFIXES if o != prefix and o + parameter in saved), None)
+        if other is not None:
+            node.key = other
+            return node
+        name = f"main_weight_{len(from_model)}"
+        node.key = parameter
+        from_model[name] = node
+        return _ModelWeight(name)
+
+    return retarget(template), from_model
+
+
+def _adam_step(state: dict):
+    """The Adam step count in a loaded optimizer state of either format (None where there is none)."""
+    for node in (state, state.get("optimizer", {})):
+        if "common_step" in node.get("state", {}):  # plain: one step for every parameter
+            return node["state"]["common_step"]
+        groups = node.get("param_groups", [])
+        if groups and "step" in groups[0]:  # distributed: the step in each param group
+            return groups[0]["step"]
+    return None
+
+
+def _graft(template, loaded, weights: dict):
+    """``template`` with its tensors replaced by ``loaded``'s at the same place (or by ``weights[name]`` for a
+    ``_ModelWeight``): this optimizer's own layout (param groups etc.), the checkpoint's values."""
+    if isinstance(template, ShardedBase):
+        return loaded
+    if isinstance(template, _ModelWeight):
+        return weights[template.name]
+    if isinstance(template, LocalNonpersistentObject):
+        return template.unwrap()
+    if isinstance(template, dict):
+        return {key: _graft(value, loaded.get(key) if isinstance(loaded, dict) else None, weights)
+                for key, value in template.items()}
+    if isinstance(template, list):
+        return [_graft(value, loaded[index] if isinstance(loaded, list) and index < len(loaded) else None, weights)
+                for index, value in enumerate(template)]
+    return template
+
+
+def _other_optimizer_format(template, loaded: dict, weights: dict) -> dict:
+    """The checkpoint's optimizer tensors in this optimizer's layout, with the saved step count, which the two formats
+    keep in different places."""
+    state, step = _graft(template, loaded, weights), _adam_step(loaded)
+    if step is None:
+        return state
+    if _is_distributed(state):
+        for group in state["optimizer"]["param_groups"]:
+            group["step"] = float(step)
+    else:
+        inner = state.get("optimizer", state)  # the bf16 optimizer nests torch's state dict one level down
+        inner["state"]["common_step"] = torch.as_tensor(step, dtype=torch.float32)
+    return state
 
 
 def _load_rng(directory: Path, train_state: dict) -> None:

@@ -106,6 +106,13 @@ class Precision(StrEnum):
     fp8 = "fp8"
 
 
+class Switch(StrEnum):
+    """On, off, or chosen from the layout (YAML's true/false are read as these)."""
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+
 @dataclass
 class ModelConfig:
     """Shape of the pivot: a Llama-style decoder, with the variations of the families checkpoints_tools converts
@@ -180,6 +187,11 @@ class ParallelConfig:
     # after it (Megatron DDP); the bucket size in parameters (null: Megatron's default, max(40M, 1M x DP size))
     overlap_grad_reduce: bool = True
     ddp_bucket_size: int | None = None
+    # Megatron's distributed optimizer: fp32 main weights and Adam moments sharded over the data-parallel ranks
+    # (gradients reduce-scattered, weights all-gathered after the step); auto: on when data parallel > 1
+    distributed_optimizer: Switch = Switch.auto
+    # With it: the weight all-gather after the step overlaps the next forward, bucket by bucket
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -385,6 +397,8 @@ def _apply(merged: DictConfig, *, key: str, value: Any, origin: str, root: type 
     if (item_type := _section_list_item(hint)) is not None:
         return _apply_section_list(merged, key=key, item_type=item_type, value=value, origin=origin)
     wrong_type = f"{label}{key}: expected {_describe_type(hint)}, got {value!r} (in {origin})"
+    if hint is Switch and isinstance(value, bool):  # YAML reads `true` as a bool
+        value = str(value).lower()
     # OmegaConf would turn any int into a bool (2 -> True); a bool field takes only true/false.
     if hint is bool and not isinstance(value, bool):
         return [wrong_type]
@@ -647,8 +661,22 @@ def validate_layout(cfg: InfiFPOConfig, *, world_size: int) -> int:
         problems.append(f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
                         f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size "
                         f"({data_parallel}) = {train.micro_batch_size * data_parallel}")
+    if cfg.parallel.overlap_param_gather and not resolve_distributed_optimizer(cfg, data_parallel=data_parallel):
+        problems.append(f"parallel.overlap_param_gather: needs the distributed optimizer, which "
+                        f"parallel.distributed_optimizer={cfg.parallel.distributed_optimizer} turns off at data-parallel "
+                        f"size {data_parallel}; set it to true")
     if virtual is not None and pipeline < 2:
         problems.append(f"parallel.virtual_pipeline ({virtual}) needs parallel.pipeline > 1, got {pipeline}")
+    elif virtual is not None and train.micro_batch_size and not problems:
+        micro_batches = train.global_batch_size // (train.micro_batch_size * data_parallel)
+        if micro_batches % pipeline:  # Megatron's interleaved schedule runs them in groups of PP
+            problems.append(f"parallel.virtual_pipeline ({virtual}): the {micro_batches} micro-batches per step "
+                            f"(train.global_batch_size / (train.micro_batch_size x data-parallel size)) must be a "
+                            f"multiple of parallel.pipeline ({pipeline})")
+    elif virtual is not None and not problems and (train.global_batch_size // data_parallel) % pipeline:
+        problems.append(f"parallel.virtual_pipeline ({virtual}): the {train.global_batch_size // data_parallel} pairs "
+                        f"per data-parallel rank and step (train.global_batch_size / data-parallel size) must be a "
+                        f"multiple of parallel.pipeline ({pipeline}), to make whole groups of PP micro-batches")
     stages = pipeline * (virtual or 1)
     if model.num_layers % stages:
         per_stage = f" x parallel.virtual_pipeline ({virtual})" if virtual else ""
@@ -693,6 +721,13 @@ def resolve_precision(precision: Precision | str, *, device, what: str) -> str:
         raise ConfigError([f"{what}: fp8 needs an FP8 GPU (Hopper, Ada) with Transformer Engine; here: "
                            f"{'; '.join(missing)}. Use bf16 or auto."])
     return Precision(precision).value
+
+
+def resolve_distributed_optimizer(cfg: InfiFPOConfig, *, data_parallel: int) -> bool:
+    """``parallel.distributed_optimizer``: true, false, or auto = on when the optimizer state has ranks to be sharded
+    over (data parallel > 1)."""
+    setting = cfg.parallel.distributed_optimizer
+    return data_parallel > 1 if setting == Switch.auto else setting == Switch.true
 
 
 def to_dict(cfg: InfiFPOConfig) -> dict[str, Any]:

@@ -276,8 +276,8 @@ HEADROOM = 0.15
 
 
 def choose_micro_batch_size(*, estimate: Callable[[int], MemoryEstimate], rows_per_rank: int, pipeline: int,
-                            capacity_bytes: int, packed: tuple[float, Callable[[int], int]] | None = None
-                            ) -> tuple[int, MemoryEstimate, bool]:
+                            capacity_bytes: int, packed: tuple[float, Callable[[int], int]] | None = None,
+                            micro_batch_multiple: int = 1) -> tuple[int, MemoryEstimate, bool]:
     """``train.micro_batch_size: null``: (pairs per micro-batch, its estimate, whether it fits).
 
     The largest divisor of the step's ``rows_per_rank`` (global batch / DP) whose ``estimate`` stays within
@@ -286,9 +286,12 @@ def choose_micro_batch_size(*, estimate: Callable[[int], MemoryEstimate], rows_p
     step. Nothing fits: 1, and False (the caller warns).
 
     ``packed``: (the mean tokens a pair takes packed, the token budget of a size) for packed micro-batches, whose
-    estimate is that of the budget; a step then has about rows x mean / budget micro-batches, not rows / size."""
+    estimate is that of the budget; a step then has about rows x mean / budget micro-batches, not rows / size.
+    ``micro_batch_multiple`` (a virtual pipeline's PP): unpacked, only sizes giving a multiple of it micro-batches
+    (packed, the trainer rounds the count up itself)."""
     budget = capacity_bytes * (1 - HEADROOM)
-    divisors = [size for size in range(rows_per_rank, 0, -1) if rows_per_rank % size == 0]
+    divisors = [size for size in range(rows_per_rank, 0, -1)
+                if rows_per_rank % size == 0 and (packed is not None or rows_per_rank // size % micro_batch_multiple == 0)]
     fitting = [(size, result) for size in divisors if (result := estimate(size)).total_bytes <= budget]
     if not fitting:
         return 1, estimate(1), False

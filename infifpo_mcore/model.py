@@ -47,22 +47,10 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def use_distributed_optimizer() -> bool:
-    """Shard optimizer state over data-parallel ranks where Megatron's DistributedOptimizer is whole.
-
-    Without Apex or TE it falls back to torch AdamW, whose per-parameter ``step`` entry breaks its checkpoint load in
-    megatron-core 0.16 (``_set_main_param_and_optimizer_states`` KeyError 'step'); there (CPU, GPU images without TE)
-    the plain Megatron optimizer is used, which checkpoints the same per-parameter state.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    return torch.cuda.is_available() and distrib_optimizer.HAVE_APEX_OR_TE
-
-
 def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, precision: str,
-                             recompute: str = "none") -> TransformerConfig:
+                             recompute: str = "none", virtual_pipeline: int | None = None) -> TransformerConfig:
     """``recompute``: 'none', 'selective' (Megatron's core-attention recomputation) or 'full' (every layer,
-    uniformly, one layer per checkpoint)."""
+    uniformly, one layer per checkpoint). ``virtual_pipeline``: model chunks per pipeline rank, or None."""
     activation, gated = _ACTIVATIONS[model.activation]
     dtype = params_dtype(precision)
     on_gpu = torch.cuda.is_available()
@@ -90,6 +78,12 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        # The interleaved schedule's p2p as Megatron-LM sets it: unbatched, each direction in its own group. Batched
+        # (Megatron's default), at PP 2 an activation and a gradient travel to the same peer in one batch, posted in
+        # opposite orders by sender and receiver, and arrive swapped (docs/repro/vpp_batched_p2p.py).
+        overlap_p2p_comm=virtual_pipeline is not None,
+        batch_p2p_comm=virtual_pipeline is None,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -98,11 +92,13 @@ def build_transformer_config(*, model: ModelConfig, tensor: int, pipeline: int, 
         fp8="hybrid" if precision == "fp8" else None,
         # CPU init draws the full matrix then slices it, so a fresh model is identical at any TP size.
         use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on GPU; Megatron fuses silu and erf-gelu only, and its fused causal softmax
-        # ignores a sliding window.
+        # Fused kernels exist only on GPU: the jit-scripted bias fusions on any (Megatron fuses silu and erf-gelu
+        # only); the softmax and persistent-norm kernels come with TE (without it, Megatron's torch norm refuses
+        # persist_layer_norm and the fused softmax imports a CUDA extension that is not there), and its fused causal
+        # softmax ignores a sliding window.
         bias_activation_fusion=on_gpu and gated and activation is torch.nn.functional.silu,
-        masked_softmax_fusion=on_gpu and model.sliding_window is None,
-        persist_layer_norm=on_gpu,
+        masked_softmax_fusion=transformer_engine_available() and model.sliding_window is None,
+        persist_layer_norm=transformer_engine_available(),
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
@@ -128,9 +124,9 @@ def transformer_engine_attention(model: ModelConfig) -> bool:
     return not needs_own_layer(model) and transformer_engine_available()
 
 
-def _layer_spec(*, model: ModelConfig, config: TransformerConfig):
+def _layer_spec(*, model: ModelConfig, config: TransformerConfig, vp_stage: int | None):
     if needs_own_layer(model):
-        return layer_spec.own_block_spec(model=model, config=config)
+        return layer_spec.own_block_spec(model=model, config=config, vp_stage=vp_stage)
     if torch.cuda.is_available() and not transformer_engine_available():
         logger.warning("Transformer Engine is not installed: local layer spec, no FP8 (install TE for fused/FP8 layers).")
     return layer_spec.megatron_spec(model=model, config=config, transformer_engine=transformer_engine_attention(model))
@@ -175,24 +171,31 @@ def set_response_positions(model: DistributedDataParallel, positions: torch.Tens
         selector.positions = positions
 
 
-def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device) -> GPTModel:
-    """This rank's pipeline stage of the pivot, bare: what the checkpoint tools, which never train, build (DDP's
-    gradient buffers would double their memory)."""
+def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device,
+              vp_stage: int | None = None) -> GPTModel:
+    """This rank's pipeline stage of the pivot (its model chunk ``vp_stage`` under a virtual pipeline), bare: what
+    the checkpoint tools, which never train, build (DDP's gradient buffers would double their memory)."""
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(model=model, config=config),
+        transformer_layer_spec=_layer_spec(model=model, config=config, vp_stage=vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
     ).to(device)
     if model.rope_scaling != RopeScaling.none:  # Megatron's own llama3 scaling has its constants fixed (rope.py)
         gpt.rotary_pos_emb.inv_freq = inverse_frequencies(model).to(gpt.rotary_pos_emb.inv_freq.device)
     if model.scale_embeddings and gpt.pre_process:
         gpt.embedding.register_forward_hook(_scale_embedding_output)
+    if config.bf16:
+        # Every weight in bf16, as Megatron's Float16Module casts them: the local spec creates its torch norms in fp32
+        # (TE's are created in params_dtype), which the bf16 optimizer would keep apart from the bf16 ones. (RoPE's
+        # inv_freq is no buffer: it stays fp32.)
+        gpt = gpt.bfloat16()
     if gpt.post_process:
         gpt.response_logits = ResponseOnlyLogits(gpt)
     gpt.thd_attention = transformer_engine_attention(model)  # how packed micro-batches reach attention (train_step)
@@ -201,18 +204,44 @@ def build_gpt(*, model: ModelConfig, config: TransformerConfig, vocab_size: int,
 
 def build_pivot(
     *, model: ModelConfig, config: TransformerConfig, vocab_size: int, device: torch.device,
-    overlap_grad_reduce: bool = False, bucket_size: int | None = None,
+    overlap_grad_reduce: bool = False, bucket_size: int | None = None, distributed_optimizer: bool = False,
+    overlap_param_gather: bool = False,
 ) -> list[DistributedDataParallel]:
-    """This rank's pipeline stage of the pivot, DDP-wrapped, as the one-chunk list Megatron's optimizer expects.
+    """This rank's model chunks of the pivot, each DDP-wrapped: its pipeline stage, or under a virtual pipeline
+    (``config.virtual_pipeline_model_parallel_size``) one chunk per virtual stage, as Megatron's optimizer and
+    interleaved schedule expect them.
 
     ``overlap_grad_reduce``: each gradient bucket is all-reduced as soon as the last micro-batch's backward has
-    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses."""
-    gpt = build_gpt(model=model, config=config, vocab_size=vocab_size, device=device)
+    filled it; the earlier micro-batches run under ``config.no_sync_func`` (set here), which the schedule uses
+    (with several chunks, also ``config.grad_sync_func``: the schedule starts each chunk's reduce after its last
+    backward). ``distributed_optimizer``: gradients are reduce-scattered instead (each data-parallel rank updates its
+    shard of the weights), and the weights all-gathered after the step: at once, or with ``overlap_param_gather``
+    bucket by bucket in the next forward pass (``gather_weights`` completes it before a save)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
-        use_distributed_optimizer=use_distributed_optimizer(),
+        use_distributed_optimizer=distributed_optimizer, overlap_param_gather=overlap_param_gather,
     )
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)
+    stages = config.virtual_pipeline_model_parallel_size
+    chunks = [
+        # As Megatron-LM: only the first chunk is bucketed (the later chunks' reduces start in the schedule)
+        DistributedDataParallel(config=config, ddp_config=ddp_config, disable_bucketing=index > 0,
+                                module=build_gpt(model=model, config=config, vocab_size=vocab_size, device=device,
+                                                 vp_stage=index if stages else None))
+        for index in range(stages or 1)
+    ]
     if overlap_grad_reduce:
-        config.no_sync_func = ddp.no_sync
-    return [ddp]
+        if len(chunks) == 1:
+            config.no_sync_func = chunks[0].no_sync
+        else:
+            config.no_sync_func = [chunk.no_sync for chunk in chunks]
+            config.grad_sync_func = [chunk.start_grad_sync for chunk in chunks]
+    return chunks
+
+
+def gather_weights(model_chunks: list[DistributedDataParallel]) -> None:
+    """Completes the distributed optimizer's weight all-gather now, where ``overlap_param_gather`` left it to the next
+    forward pass (whose hooks gather each bucket on first use): before a checkpoint save, which would otherwise write
+    other ranks' shares of the weights as they were before the last step."""
+    for chunk in model_chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)

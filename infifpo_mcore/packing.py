@@ -190,15 +190,17 @@ def resolve_packing(*, packing: bool | None, share_prompt: bool | None, thd_atte
 
 
 def packed_micro_batches(examples: list[PreferenceExample], *, budget: int, share_prompt: bool, pad_id: int,
-                         data_group, device: torch.device) -> list[PreferenceBatch]:
+                         data_group, device: torch.device, count_multiple: int = 1) -> list[PreferenceBatch]:
     """This rank's pairs of a step (or an evaluation pass) as packed micro-batches, as many as on the data-parallel
-    rank that needs the most (one all-reduce over ``data_group``); see the module docstring. The batches stay on the
-CPU (the caller moves them)."""
+    rank that needs the most (one all-reduce over ``data_group``), rounded up to a multiple of ``count_multiple``
+    (the interleaved schedule's groups of PP; the caller gives every rank at least that many pairs); see the module
+    docstring. The batches stay on the CPU (the caller moves them)."""
     sizes = [pair_tokens(example, share_prompt=share_prompt) for example in examples]
     bins = pack(sizes, budget=budget)
     count = torch.tensor([len(bins)], dtype=torch.int64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=data_group)
-    bins = balance(split_to(bins, sizes=sizes, count=int(count.item())), sizes=sizes, budget=budget)
+    count = -(-int(count.item()) // count_multiple) * count_multiple
+    bins = balance(split_to(bins, sizes=sizes, count=count), sizes=sizes, budget=budget)
     length = packed_length(bins, sizes=sizes, budget=budget)
     return [collate_packed([examples[i] for i in members], length=length, pad_id=pad_id, share_prompt=share_prompt)
             for members in bins]

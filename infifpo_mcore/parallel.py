@@ -142,11 +142,13 @@ class ParallelContext:
 
 
 def init_parallel(
-    *, tensor: int, pipeline: int, seed: int, timeout_minutes: int = 10, job: JobLayout | None = None
+    *, tensor: int, pipeline: int, seed: int, timeout_minutes: int = 10, job: JobLayout | None = None,
+    virtual_pipeline: int | None = None,
 ) -> ParallelContext:
     """Megatron's groups over the training ranks (joining the job first unless ``job`` is given).
 
-    The data-parallel size is what is left: training ranks / (tensor * pipeline).
+    The data-parallel size is what is left: training ranks / (tensor * pipeline). ``virtual_pipeline``: model chunks
+    per pipeline rank (Megatron's interleaved schedule), or None.
     """
     if not torch.cuda.is_available():
         cpu_compat.apply()
@@ -158,6 +160,7 @@ def init_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
         distributed_timeout_minutes=timeout_minutes,
     )
     torch.manual_seed(seed)

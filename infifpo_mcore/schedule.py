@@ -24,12 +24,17 @@ from infifpo_mcore.train_step import UNITS, PER_ROW_KEYS
 
 def run_schedule(*, model_chunks, forward_step: Callable, batches: list[PreferenceBatch],
                  forward_only: bool) -> list[dict]:
-    """The schedule over ``batches``; the last stage's loss outputs, one dict per micro-batch ([] elsewhere)."""
+    """The schedule over ``batches``; the last stage's loss outputs, one dict per micro-batch ([] elsewhere).
+
+    Several ``model_chunks`` (a virtual pipeline) take Megatron's interleaved schedule, which calls every chunk's
+    ``forward_step`` on every micro-batch, each through its own iterator: one over the same ``batches`` per chunk.
+    It wants the micro-batches in whole groups of PP."""
     sequences, seq_length = batches[0]["tokens"].shape
+    interleaved = len(model_chunks) > 1
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=model_chunks[0],
+        data_iterator=[iter(batches) for _ in model_chunks] if interleaved else iter(batches),
+        model=model_chunks if interleaved else model_chunks[0],
         num_microbatches=len(batches),
         seq_length=seq_length,
         micro_batch_size=sequences,  # Megatron's micro-batch is our sequences: rows x responses per row, or 1 row packed

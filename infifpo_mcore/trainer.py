@@ -25,12 +25,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from infifpo_mcore import checkpointing, losses, monitoring, packing, pivot_card, step_guard
-from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_precision, to_dict
+from infifpo_mcore.compat import torch_adam
+from infifpo_mcore.config import ConfigError, InfiFPOConfig, resolve_distributed_optimizer, resolve_precision, to_dict
 from infifpo_mcore.data import PreferenceBatch, ResumableSampler, collate_pairs, report_skipped_rows
 from infifpo_mcore.memory import (choose_micro_batch_size, device_memory_bytes, estimate_memory_per_rank,
                                   padded_vocab)
-from infifpo_mcore.model import (build_pivot, build_transformer_config, params_dtype, transformer_engine_attention,
-                                 transformer_engine_available, use_distributed_optimizer)
+from infifpo_mcore.model import (build_pivot, build_transformer_config, gather_weights, params_dtype,
+                                 transformer_engine_attention, transformer_engine_available)
 from infifpo_mcore.parallel import ParallelContext, destroy_parallel, init_parallel, join_job
 from infifpo_mcore.preemption import StopRequest, deferred, signal_name
 from infifpo_mcore.preflight import RunInputs, read_inputs
@@ -56,7 +57,9 @@ def starts_a_new_stage(saved_state: dict, *, loss_type: str) -> bool:
     return saved_state.get("loss_type") == "sft" and loss_type != "sft"
 
 
-def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
+def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str, distributed_optimizer: bool):
+    """Megatron's optimizer over ``model_chunks``: Adam on fp32 main weights (copies of bf16 weights in bf16), its
+    state sharded over data-parallel ranks with ``distributed_optimizer`` (which the chunks' DDP must match)."""
     train = cfg.train
     dtype = params_dtype(precision)
     config = OptimizerConfig(
@@ -69,8 +72,11 @@ def build_optimizer(cfg: InfiFPOConfig, model_chunks, *, precision: str):
         clip_grad=train.grad_clip,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
-        use_distributed_optimizer=use_distributed_optimizer(),
+        use_distributed_optimizer=distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
+    if distributed_optimizer:
+        torch_adam.apply()  # where Megatron falls back to torch's Adam (no TE / Apex): its checkpoint fixes
     optimizer = get_megatron_optimizer(config, model_chunks)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -99,6 +105,10 @@ class Trainer:
                  start: RunStart | None = None, resume_command: str | None = None):
         self.cfg, self.ctx = cfg, ctx
         self.precision = resolve_precision(cfg.train.precision, device=ctx.device, what="train.precision")
+        self.distributed_optimizer = resolve_distributed_optimizer(cfg, data_parallel=ctx.data)
+        # a step's (and a forward-only pass's) micro-batches: a multiple of PP under a virtual pipeline, whose
+        # interleaved schedule runs them in groups of PP
+        self.micro_batch_multiple = ctx.pipeline if cfg.parallel.virtual_pipeline else 1
         self.spec = losses.loss_spec(cfg.loss.type)
         self.run_dir = Path(cfg.run_dir)
         self.resume_command = resume_command
@@ -121,12 +131,14 @@ class Trainer:
         self.card = pivot_card.card_for_run(cfg, vocab_size=self.unpadded_vocab_size)  # saved with checkpoints
         self.transformer_config = build_transformer_config(
             model=cfg.model, tensor=ctx.tensor, pipeline=ctx.pipeline, precision=self.precision,
-            recompute=cfg.train.recompute)
+            recompute=cfg.train.recompute, virtual_pipeline=cfg.parallel.virtual_pipeline)
         self.model = build_pivot(
             model=cfg.model, config=self.transformer_config, vocab_size=self.vocab_size, device=ctx.device,
-            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, bucket_size=cfg.parallel.ddp_bucket_size)
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, bucket_size=cfg.parallel.ddp_bucket_size,
+            distributed_optimizer=self.distributed_optimizer, overlap_param_gather=cfg.parallel.overlap_param_gather)
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, precision=self.precision,
+                                                         distributed_optimizer=self.distributed_optimizer)
         if ctx.rank == 0:
             logger.info("%s", self._memory_estimate().format())
         if cfg.checkpoint.save:
@@ -171,7 +183,7 @@ class Trainer:
             micro_batch_size=micro_batch_size or self.cfg.train.micro_batch_size,
             packed_tokens=self._pack_budget(micro_batch_size),
             responses_per_row=len(self.spec.responses), seq_length=self.cfg.model.seq_length,
-            precision=self.precision, distributed_optimizer=use_distributed_optimizer(),
+            precision=self.precision, distributed_optimizer=self.distributed_optimizer,
             vocab_size=self.unpadded_vocab_size, fused_attention=transformer_engine_available(),
             recompute=str(self.cfg.train.recompute))
 
@@ -187,6 +199,7 @@ class Trainer:
         size, estimate, fits = choose_micro_batch_size(
             estimate=lambda pairs: self._memory_estimate(micro_batch_size=pairs), pipeline=self.ctx.pipeline,
             rows_per_rank=self.cfg.train.global_batch_size // self.ctx.data, capacity_bytes=int(capacity.item()),
+            micro_batch_multiple=self.micro_batch_multiple,
             packed=None if packed_tokens is None else (packed_tokens, self._pack_budget))
         if self.ctx.rank == 0:
             (logger.info if fits else logger.warning)(
@@ -230,7 +243,8 @@ class Trainer:
         if self.packing:
             batches = packing.packed_micro_batches(
                 examples, budget=self._pack_budget(), share_prompt=self.share_prompt, pad_id=self.tokenizer.pad_id,
-                data_group=parallel_state.get_data_parallel_group(with_context_parallel=False), device=self.ctx.device)
+                data_group=parallel_state.get_data_parallel_group(with_context_parallel=False), device=self.ctx.device,
+                count_multiple=self.micro_batch_multiple)
         else:
             batches = [collate_pairs(examples[i:i + mbs], seq_length=self.cfg.model.seq_length,
                                      pad_id=self.tokenizer.pad_id) for i in range(0, len(examples), mbs)]
@@ -244,7 +258,8 @@ class Trainer:
         return forward_only_rows(
             model_chunks=self.model, forward_step=forward_step, num_rows=len(self.datasets[split]),
             micro_batches_of=lambda rows: self._micro_batches(rows, split, with_reference=with_reference),
-            rows_per_pass=self.rows_per_step, row_multiple=1 if self.packing else self.cfg.train.micro_batch_size,
+            rows_per_pass=self.rows_per_step,
+            row_multiple=(1 if self.packing else self.cfg.train.micro_batch_size) * self.micro_batch_multiple,
             ctx=self.ctx)
 
     def _pair_tokens(self, example) -> int:
@@ -327,6 +342,7 @@ class Trainer:
         saved_state = json.loads(saved.read_text()) if saved.is_file() else {}
         if starts_a_new_stage(saved_state, loss_type=str(self.cfg.loss.type)):
             checkpointing.load_checkpoint(path=path, model_chunks=self.model, vocab_size=self.unpadded_vocab_size)
+            self.optimizer.reload_model_params()  # bf16: its fp32 main weights were copied from the built model
             dropped = self.references.drop_cached_init()
             if self.ctx.rank == 0:
                 logger.info("loaded the weights of %s, an SFT run's checkpoint (step %d): this %s stage starts from "
@@ -352,6 +368,7 @@ class Trainer:
         """Collective; a stop signal during the save waits for its end (``preemption.deferred``)."""
         started = time.perf_counter()
         self.saved_step = self.step
+        gather_weights(self.model)
         holds_scores = (self.ctx.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
                         and self.ctx.data_rank == 0)
         with deferred():
@@ -499,7 +516,8 @@ def train(cfg: InfiFPOConfig, *, start: RunStart, inputs: RunInputs, resume_comm
             serve_sources(cfg, job=job, train_data=inputs.train, eval_data=inputs.eval)
             return None
         ctx = init_parallel(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, seed=cfg.train.seed,
-                            timeout_minutes=cfg.parallel.timeout_minutes, job=job)
+                            timeout_minutes=cfg.parallel.timeout_minutes, job=job,
+                            virtual_pipeline=cfg.parallel.virtual_pipeline)
         return Trainer(cfg, ctx, inputs=inputs, start=start, resume_command=resume_command).fit()
     finally:
         destroy_parallel()

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import infifpo_mcore  # noqa: F401  (first: its compat.triton_free lets test modules import megatron.core without Triton)
+
 # Every process this session starts inherits this mark in its environment, and keeps it when its parent dies first:
 # that is how the end-of-session check finds orphans too, and only processes of this session.
 SESSION_MARK = "INFIFPO_MCORE_TEST_SESSION"

@@ -1,9 +1,9 @@
 """Each CPU-capable benchmark runs end to end at its smallest size and writes a JSON result with its keys and finite,
 positive ratios. Nothing here asserts a speed: on CPU the figures only prove the scripts work.
 
-The three cheapest take ~50 s together on 2 cores. vs_trl and online_overlap are left out (TRL's import and set-up,
-and the online job with its source rank, take about a minute each there); run them by hand:
-``python -m benchmarks.vs_trl``, ``python -m benchmarks.online_overlap`` (their CPU proof runs are in RESULTS.md).
+The three cheapest take ~50 s together on 2 cores. online_overlap is left out (the online job with its source rank
+takes about a minute); run it by hand: ``python -m benchmarks.online_overlap`` (its CPU proof run is in RESULTS.md).
+vs_trl runs as a step of the GPU smoke kit's dry run (~85 s for the four steps), the last test here.
 """
 
 from __future__ import annotations
@@ -79,3 +79,34 @@ def test_source_scoring_compares_precisions_per_token(tmp_path):
     assert reference["precision"] == "fp32" and bf16["precision"] == "bf16"
     assert _positive(bf16["speedup_vs_fp32"]) and _positive(bf16["tokens_per_sec"])
     assert 0 < bf16["mean_abs_delta_logp"] <= bf16["max_abs_delta_logp"] < 1.0
+
+
+@pytest.mark.distributed
+def test_the_gpu_smoke_kit_runs_every_step_as_a_dry_run_on_cpu(tmp_path):
+    """``bash benchmarks/gpu/smoke.sh --dry-run``: the one command of the GPU kit, on CPU (gloo, tiny shape), runs
+    each step and writes what the device tool brings back: at most 8 flat files, a JSON per step and the summary."""
+    from benchmarks.smoke import STEPS, source_fingerprint
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    result = subprocess.run(["bash", "benchmarks/gpu/smoke.sh", "--dry-run", "--out", str(out), "--budget-seconds",
+                             "1500", "--workdir", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    files = sorted(path.name for path in out.iterdir())
+    assert files == sorted([*(f"{name}.json" for name in STEPS), "smoke.json", "smoke.log"]) and len(files) <= 8
+    assert all(path.is_file() for path in out.iterdir())
+    report = json.loads((out / "smoke.json").read_text())
+    assert report["ok"] and report["source_fingerprint"] == source_fingerprint()
+    assert [step["name"] for step in report["steps"]] == list(STEPS)
+    assert all(step["status"] == "ok" for step in report["steps"])
+    figures = {step["name"]: step["figures"] for step in report["steps"]}
+    trainer = json.loads((out / "trainer.json").read_text())
+    assert trainer["steps"] == 20 and [m["step"] for m in trainer["metrics"]] == list(range(1, 21))
+    assert "parallel.distributed_optimizer=true" in trainer["overrides"]
+    assert all(math.isfinite(m["loss"]) for m in trainer["metrics"]) and _positive(figures["trainer"]["tokens_per_sec"])
+    assert figures["pivot_step"]["fp8"]["status"].startswith("unavailable")
+    assert _positive(figures["pivot_step"][report["size"]["precision"]]["tokens_per_sec"])
+    assert _positive(figures["vs_trl"]["tokens_per_sec_ratio_ours_over_trl"])
+    assert 0 < figures["source_scoring"]["bf16"]["mean_abs_delta_logp"] < 0.1

@@ -1,8 +1,11 @@
 """The CPU shim, exercised in a spawned process (it changes process-wide state)."""
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.newest_mcore  # the shim patches names of a release: checked on the newest one too
 
 
 def _cuda_requests_land_on_the_cpu(ctx):
@@ -27,3 +30,23 @@ def _cuda_requests_land_on_the_cpu(ctx):
 
 def test_cpu_shim_redirects_cuda_requests_and_rng():
     run_distributed(_cuda_requests_land_on_the_cpu, world_size=1)
+
+
+def test_a_patch_target_missing_from_the_installed_release_stops_with_its_name():
+    """The shims patch private Megatron names; one a release renamed must fail at once, naming the symbol."""
+    import types
+
+    from megatron.core.optimizer import distrib_optimizer
+
+    from infifpo_mcore.compat.patching import MissingPatchTarget, megatron_core_version, target
+
+    assert target(distrib_optimizer.DistributedOptimizer, "state_dict", why="test") is \
+        distrib_optimizer.DistributedOptimizer.state_dict
+    with pytest.raises(MissingPatchTarget) as caught:
+        target(distrib_optimizer.DistributedOptimizer, "_renamed_in_a_later_release", why="KeyError 'step' on load")
+    message = str(caught.value)
+    assert (f"megatron-core {megatron_core_version()} has no megatron.core.optimizer.distrib_optimizer."
+            "DistributedOptimizer._renamed_in_a_later_release" in message)
+    assert "(KeyError 'step' on load)" in message
+    with pytest.raises(MissingPatchTarget, match=r"has no megatron.core.tensor_parallel.random._gone, "):
+        target(types.ModuleType("megatron.core.tensor_parallel.random"), "_gone", why="test")

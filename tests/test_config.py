@@ -13,6 +13,7 @@ from infifpo_mcore.config import (
     ModelConfig,
     ParallelConfig,
     load_config,
+    resolve_distributed_optimizer,
     resolve_precision,
     save_config,
     to_dict,
@@ -242,11 +243,21 @@ def test_validate_layout_returns_data_parallel_size(world_size, overrides, data_
     (3, ["parallel.pipeline=3"], ["model.num_layers (2)", "parallel.pipeline (3)"]),
     (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], ["model.num_layers (2)", "virtual_pipeline (2)"]),
     (1, ["parallel.virtual_pipeline=2"], ["parallel.virtual_pipeline (2) needs parallel.pipeline > 1"]),
+    (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "train.global_batch_size=6",
+         "train.micro_batch_size=1"], ["parallel.virtual_pipeline (2): the 3 micro-batches per step",
+                                       "must be a multiple of parallel.pipeline (2)"]),
+    (4, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "train.global_batch_size=6",
+         "train.micro_batch_size=null"], ["parallel.virtual_pipeline (2): the 3 pairs per data-parallel rank",
+                                          "must be a multiple of parallel.pipeline (2)"]),
     (8, ["parallel.tensor=8", "model.hidden_size=128"], ["model.num_attention_heads (4)", "parallel.tensor (8)"]),
     (4, ["parallel.tensor=4"], ["model.num_query_groups (2)", "parallel.tensor (4)"]),
     (3, ["parallel.tensor=3", "model.num_attention_heads=6", "model.num_query_groups=3", "model.hidden_size=132",
          "model.ffn_hidden_size=350"], ["model.ffn_hidden_size (350)", "parallel.tensor (3)"]),
     (0, [], ["world size must be >= 1"]),
+    (1, ["parallel.overlap_param_gather=true"], ["parallel.overlap_param_gather: needs the distributed optimizer",
+                                                "parallel.distributed_optimizer=auto", "data-parallel size 1"]),
+    (2, ["parallel.overlap_param_gather=true", "parallel.distributed_optimizer=false"],
+     ["parallel.distributed_optimizer=false"]),
 ])
 def test_validate_layout_rejects(world_size, overrides, fragments):
     cfg = load_config(overrides=overrides)
@@ -272,6 +283,22 @@ def test_resolve_precision(monkeypatch, precision, cuda, bf16_supported, expecte
     assert resolved == expected and type(resolved) is str
 
 
+@pytest.mark.parametrize("setting, world_size, expected", [
+    ("auto", 1, False), ("auto", 2, True), ("true", 1, True), ("false", 4, False), ("True", 1, True),
+])
+def test_the_distributed_optimizer_is_on_when_asked_or_with_data_parallel_ranks(setting, world_size, expected):
+    """auto: on where there is optimizer state to shard (data parallel > 1); YAML's true/false are the switch's."""
+    cfg = load_config(overrides=[f"parallel.distributed_optimizer={setting}"])
+    assert resolve_distributed_optimizer(cfg, data_parallel=validate_layout(cfg, world_size=world_size)) is expected
+    with_gather = load_config(overrides=["parallel.distributed_optimizer=auto", "parallel.overlap_param_gather=true"])
+    assert validate_layout(with_gather, world_size=2) == 2
+
+
+def test_the_distributed_optimizer_switch_names_its_values():
+    message = problems_of(overrides=["parallel.distributed_optimizer=sometimes"])
+    assert "parallel.distributed_optimizer: expected one of: auto, true, false, got 'sometimes'" in message
+
+
 def test_fp8_without_an_fp8_gpu_and_transformer_engine_is_refused_with_the_way_out():
     import torch
 
@@ -284,7 +311,8 @@ def test_to_dict_holds_plain_values():
     assert type(as_dict["loss"]["type"]) is str and as_dict["loss"]["type"] == "ipo"
     assert json.loads(json.dumps(as_dict)) == as_dict
     assert as_dict["parallel"] == {"tensor": 1, "pipeline": 1, "virtual_pipeline": None, "timeout_minutes": 10.0,
-                                   "overlap_grad_reduce": True, "ddp_bucket_size": None}
+                                   "overlap_grad_reduce": True, "ddp_bucket_size": None,
+                                   "distributed_optimizer": "auto", "overlap_param_gather": False}
 
 
 def test_save_then_load_round_trips(tmp_path):

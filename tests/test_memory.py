@@ -255,6 +255,17 @@ def test_auto_micro_batch_keeps_two_micro_batches_per_pipeline_stage_where_it_ca
     assert _choose(capacity_bytes=plenty, rows_per_rank=2, pipeline=2)[0] == 2  # 2 rows: no way to fill, the largest
 
 
+def test_auto_micro_batch_under_a_virtual_pipeline_makes_whole_groups_of_pp_micro_batches():
+    """The interleaved schedule runs micro-batches in groups of PP: 4 rows at PP 4 are one micro-batch of 4 where
+    nothing fills the pipeline, but 4 of 1 under a virtual pipeline (micro_batch_multiple = PP)."""
+    plenty = 100 * _estimate(micro_batch_size=4, pipeline=4).total_bytes
+    assert _choose(capacity_bytes=plenty, rows_per_rank=4, pipeline=4)[0] == 4
+    pairs, _, fits = choose_micro_batch_size(
+        estimate=lambda size: _estimate(micro_batch_size=size, pipeline=4), rows_per_rank=4, pipeline=4,
+        capacity_bytes=plenty, micro_batch_multiple=4)
+    assert (pairs, fits) == (1, True)
+
+
 def test_a_packed_micro_batch_counts_its_token_budget_and_keeps_no_attention_scores():
     """data.packing: one row of the budget; by default the unpacked micro-batch's tokens, so the estimate is the
     unpacked one less the local spec's s x s scores (packed attention runs per document, SDPA or TE's THD)."""

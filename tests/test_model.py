@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -89,3 +91,45 @@ def test_fp8_pivot_keeps_bf16_weights_and_asks_megatron_for_hybrid_fp8_gemms():
     assert (config.fp8, config.bf16, config.params_dtype) == ("hybrid", True, torch.bfloat16)
     bf16 = build_transformer_config(model=ModelConfig(**SMALL), tensor=1, pipeline=1, precision="bf16")
     assert bf16.fp8 is None and bf16.bf16
+
+
+def _bf16_pivot_keeps_fp32_main_weights_and_gradients(ctx, *, distributed: bool, root: Path) -> None:
+    from infifpo_mcore import checkpointing
+    from infifpo_mcore.config import load_config
+    from infifpo_mcore.trainer import build_optimizer
+
+    model_cfg = ModelConfig(**SMALL)
+    config = build_transformer_config(model=model_cfg, tensor=1, pipeline=1, precision="bf16")
+    chunks = build_pivot(model=model_cfg, config=config, vocab_size=256, device=ctx.device,
+                         distributed_optimizer=distributed)
+    optimizer, _ = build_optimizer(load_config(), chunks, precision="bf16", distributed_optimizer=distributed)
+    (model,) = chunks
+    # every weight bf16, the norms too (the local spec creates them in fp32; the pivot casts them, as Float16Module)
+    assert {param.dtype for param in model.parameters()} == {torch.bfloat16}
+    assert {param.main_grad.dtype for param in model.parameters()} == {torch.float32}  # accumulated in fp32
+    (inner,) = optimizer.chained_optimizers
+    main = [param for group in inner.optimizer.param_groups for param in group["params"]]
+    assert main and {param.dtype for param in main} == {torch.float32}  # Adam steps fp32 main weights
+    assert type(inner).__name__ == ("DistributedOptimizer" if distributed else "Float16OptimizerWithFloat16Params")
+    # a model-only checkpoint (a converted model; an SFT stage's weights are read the same way) refreshes the fp32
+    # main weights: a step that moves nothing (lr 0, zero gradients) keeps the loaded weights, not the built ones
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.25)
+    loaded = {name: param.clone() for name, param in model.named_parameters()}
+    checkpointing.save_checkpoint(root=root, step=1, model_chunks=chunks, optimizer=None, train_state=None,
+                                  init_scores=None)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.sub_(0.25)
+    assert checkpointing.load_checkpoint(path=root, model_chunks=chunks, optimizer=optimizer) == {}
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    assert all(torch.equal(param, loaded[name]) for name, param in model.named_parameters())
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_a_bf16_pivot_has_bf16_weights_and_fp32_main_weights_and_gradients(distributed, tmp_path):
+    run_distributed(_bf16_pivot_keeps_fp32_main_weights_and_gradients, world_size=1, distributed=distributed,
+                    root=tmp_path / "ckpt")

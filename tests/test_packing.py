@@ -165,6 +165,12 @@ def _epoch_of_packed_micro_batches(ctx, *, sizes: list[int], global_batch: int, 
     assert sorted(seen_0 + seen_1) == list(range(len(sizes)))
     assert counts_0 == counts_1 and len(set(counts_0)) > 1  # the count varies by step, never by rank
     assert own_0 != own_1  # in some steps one rank's pairs alone would have packed into fewer
+    # under a virtual pipeline the count is rounded up to whole groups of PP, every pair still once
+    first_step = [examples[row] for row in range(ctx.data_rank, global_batch, ctx.data)]
+    grouped = packed_micro_batches(first_step, budget=budget, share_prompt=True, pad_id=0, data_group=group,
+                                   device=ctx.device, count_multiple=4)
+    assert len(grouped) == 4 and len({batch["tokens"].shape for batch in grouped}) == 1
+    assert sorted(row for batch in grouped for row in batch["row_ids"].tolist()) == [e["row_id"] for e in first_step]
 
 
 @pytest.mark.distributed

@@ -16,13 +16,16 @@ functions, two mechanisms cover all of them without touching Megatron's code:
    (``tensor_parallel.random.CheckpointFunction``, ``train.recompute``) re-runs forward code there (the causal mask
    again), so its backward re-enters the mode.
 
-Nothing here runs when ``torch.cuda.is_available()``; a GPU process never sees these patches.
+Nothing here runs when ``torch.cuda.is_available()``; a GPU process never sees these patches. The Megatron names
+patched are private: a release without one stops ``apply`` with ``MissingPatchTarget`` naming it (``patching``).
 """
 
 import contextlib
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from infifpo_mcore.compat.patching import target
 
 _CPU = torch.device("cpu")
 _applied = False
@@ -92,11 +95,14 @@ def apply() -> None:
     # tensor_parallel/random.py keeps its own CUDA RNG helpers (CudaRNGStatesTracker.fork calls them by name).
     from megatron.core.tensor_parallel import random as mcore_random
 
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        target(mcore_random, name, why="the model-parallel RNG tracker's CUDA generator calls")
     mcore_random._get_cuda_rng_state = _cpu_rng_get
     mcore_random._set_cuda_rng_state = _cpu_rng_set
 
     # Mechanism 3: the recomputation in the backward pass.
-    recompute_backward = mcore_random.CheckpointFunction.backward
+    checkpoint_function = target(mcore_random, "CheckpointFunction", why="activation recomputation on the CPU")
+    recompute_backward = target(checkpoint_function, "backward", why="activation recomputation on the CPU")
 
     def recompute_backward_on_cpu(ctx, *grads):
         with _CudaToCpu():
