@@ -43,18 +43,10 @@ class RunInputs:
     eval: PreferenceDataset | None
 
 
-def refuse_unimplemented(cfg: InfiFPOConfig) -> None:
-    if cfg.parallel.virtual_pipeline:
-        # Measured: from one checkpoint, PP 2 x VPP 2 gave losses differing from PP 2 after the warm-up micro-batches.
-        raise ConfigError([f"parallel.virtual_pipeline ({cfg.parallel.virtual_pipeline}): the interleaved schedule "
-                           "is not supported yet; use null"])
-
-
 def plan_run(*, config: str, overrides: Sequence[str], fresh: bool, world_size: int) -> RunPlan:
     """The config (file, overrides, the start checkpoint's card), the layout on ``world_size`` ranks and how the
     run starts in its folder. No torch."""
     cfg = apply_checkpoint_card(load_config(path=config, overrides=overrides), overrides=overrides)
-    refuse_unimplemented(cfg)
     data_parallel = validate_layout(cfg, world_size=world_size)
     return RunPlan(cfg=cfg, start=plan_start(cfg, fresh=fresh), data_parallel=data_parallel)
 

@@ -48,8 +48,8 @@ assert len(inputs.train) == 384 and len(inputs.eval) == 64
 
 
 def test_the_layout_and_unsupported_options_are_refused_by_name(tmp_path):
-    with pytest.raises(ConfigError, match="interleaved schedule is not supported yet"):
-        plan_run(config=TINY, overrides=[f"run_dir={tmp_path}", "parallel.virtual_pipeline=2",
+    with pytest.raises(ConfigError, match=r"parallel.virtual_pipeline \(2\) needs parallel.pipeline > 1, got 1"):
+        plan_run(config=TINY, overrides=[f"run_dir={tmp_path}", "parallel.virtual_pipeline=2", "parallel.pipeline=1",
                                          "model.num_layers=4"], fresh=False, world_size=4)
     with pytest.raises(ConfigError, match=r"parallel.tensor \(2\) x parallel.pipeline \(2\) = 4 must divide the 2"):
         plan_run(config=TINY, overrides=[f"run_dir={tmp_path}"], fresh=False, world_size=2)
