@@ -151,7 +151,7 @@ def read_source_rows(path: str | Path, *, split: str | None = None) -> list[Sour
         suffix = file.suffix.lower()
         if suffix not in JSON_LINES + TABULAR:
             raise DataFileError(f"{file}: unknown format {suffix or '(no extension)'}; expected {FORMATS}")
-        if suffix in JSON_LINES and not _starts_an_array(file):
+        if suffix == ".jsonl" or (suffix == ".json" and not _starts_an_array(file)):  # a .jsonl is never an array
             last = 0
             for line, fields, problem in _json_lines(file):
                 # one file: the line number is the key and the default id, as it always has been

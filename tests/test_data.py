@@ -491,6 +491,11 @@ def test_bad_rows_in_every_format_are_reported_by_file_row_and_field(tmp_path, t
         read_preference_rows(str(tmp_path / "[ab].jsonl"))
     assert caught.value.problems == [f"{tmp_path / 'b.jsonl'}:2 prompt: expected a non-empty string or a non-empty "
                                      "list of messages"]
+    # A .jsonl is JSON Lines even when its first line opens an array (only a .json may hold one array of rows)
+    (tmp_path / "array.jsonl").write_text("[\n" + json.dumps(trl_row()) + "\n")
+    with pytest.raises(DataError) as caught:
+        read_preference_rows(tmp_path / "array.jsonl")
+    assert [problem.split(" ", 1)[0] for problem in caught.value.problems] == [f"{tmp_path / 'array.jsonl'}:1"]
 
 
 def test_sft_rows_in_trl_forms_and_the_chosen_of_preference_rows(tmp_path, tokenizer):
