@@ -54,14 +54,19 @@ def _overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def _one_step_at_tp1(data: Path, root: Path, *extra: str) -> Path:
+    """One optimizer step from the random init at TP 1 x PP 1 (so Adam has state), saved to root/ckpt: where the
+    layout comparisons below start."""
+    run_training(nproc=1, overrides=_overrides(data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
+                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
+                                               *extra))
+    return root / "ckpt"
+
+
 @pytest.fixture(scope="module")
 def step1_checkpoint(small_data, tmp_path_factory) -> Path:
     """One optimizer step at TP 1 (so Adam has state), saved: every layout below starts from it."""
-    root = tmp_path_factory.mktemp("step1")
-    run_training(nproc=1, overrides=_overrides(small_data, root, "train.steps=2", "train.steps=1",
-                                               f"checkpoint.save={root / 'ckpt'}", "parallel.tensor=1",
-                                               "parallel.pipeline=1", "train.warmup_steps=0"))
-    return root / "ckpt"
+    return _one_step_at_tp1(small_data, tmp_path_factory.mktemp("step1"))
 
 
 def _continue(small_data, checkpoint, run_dir, *, nproc, tensor, pipeline, steps=STEPS, save=None,
@@ -277,11 +282,7 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_before_start(small_data
 @pytest.fixture(scope="module")
 def four_layer_step1_checkpoint(small_data, tmp_path_factory) -> Path:
     """step1_checkpoint's run with 4 layers: a pipeline of 2 stages x 2 virtual stages has one layer per chunk."""
-    root = tmp_path_factory.mktemp("step1_4_layers")
-    run_training(nproc=1, overrides=_overrides(small_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
-                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
-                                               "model.num_layers=4"))
-    return root / "ckpt"
+    return _one_step_at_tp1(small_data, tmp_path_factory.mktemp("step1_4_layers"), "model.num_layers=4")
 
 
 def test_the_virtual_pipeline_trains_as_the_plain_pipeline(small_data, four_layer_step1_checkpoint, tmp_path):
@@ -338,11 +339,7 @@ def wrpo_data(small_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def wrpo_step1_checkpoint(wrpo_data, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("wrpo_step1")
-    run_training(nproc=1, overrides=_overrides(wrpo_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
-                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
-                                               *WRPO))
-    return root / "ckpt"
+    return _one_step_at_tp1(wrpo_data, tmp_path_factory.mktemp("wrpo_step1"), *WRPO)
 
 
 def test_wrpo_at_tp2_pp2_equals_tp1_resuming_with_the_init_scores_of_the_pivot_chosen(
@@ -468,9 +465,7 @@ def sft_step1(small_data, tmp_path_factory) -> Path:
     """One SFT step at TP 1, saved, with the held-out log-probs of the random init (step 0) and after the step
     (step 1) dumped: the SFT layouts below start from its checkpoint (run_dir/ckpt)."""
     root = tmp_path_factory.mktemp("sft_step1")
-    run_training(nproc=1, overrides=_overrides(small_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
-                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
-                                               "train.eval_on_start=true", *SFT))
+    _one_step_at_tp1(small_data, root, "train.eval_on_start=true", *SFT)
     return root
 
 
@@ -580,11 +575,7 @@ def varied_data(small_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def varied_step1_checkpoint(varied_data, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("varied_step1")
-    run_training(nproc=1, overrides=_overrides(varied_data, root, "train.steps=1", f"checkpoint.save={root / 'ckpt'}",
-                                               "parallel.tensor=1", "parallel.pipeline=1", "train.warmup_steps=0",
-                                               *PACKED_BATCH, *PACKING["unpacked"]))
-    return root / "ckpt"
+    return _one_step_at_tp1(varied_data, tmp_path_factory.mktemp("varied_step1"), *PACKED_BATCH, *PACKING["unpacked"])
 
 
 @pytest.fixture(scope="module")
