@@ -374,13 +374,18 @@ class RunSummary:
     resume: str | None = None           # how to continue it
 
 
+def accuracy_metric(*, token_level: bool) -> tuple[str, str]:
+    """The metric a loss's accuracy is logged under and its name for a person: SFT's token accuracy (token-level
+    losses), else the reward accuracy of the preference losses."""
+    return ("token_accuracy", "token accuracy") if token_level else ("rewards/accuracies", "reward accuracy")
+
+
 def summarize_run(*, history: Sequence[Mapping[str, float]], accuracy_window: int = 5, tokens_per_sec: float,
                   wall_seconds: float, reference: str, checkpoint_path: str | None, metrics_path: str | None,
                   mfu: float | None = None, eval_metrics: Mapping[str, float] | None = None,
                   stopped: str | None = None, resume: str | None = None) -> RunSummary:
     """Build a RunSummary from the per-step metric dicts of this run (oldest first)."""
-    # preference losses report reward accuracy; SFT its token accuracy
-    key = "token_accuracy" if any("token_accuracy" in step for step in history) else "rewards/accuracies"
+    key, name = accuracy_metric(token_level=any("token_accuracy" in step for step in history))
     recent = [step[key] for step in history[-accuracy_window:] if key in step]
     return RunSummary(
         steps_run=len(history),
@@ -392,7 +397,7 @@ def summarize_run(*, history: Sequence[Mapping[str, float]], accuracy_window: in
         checkpoint_path=checkpoint_path, metrics_path=metrics_path, mfu=mfu,
         eval_loss=(eval_metrics or {}).get("eval/loss"),
         eval_accuracy=(eval_metrics or {}).get(f"eval/{key}"),
-        accuracy_name=key.replace("rewards/accuracies", "reward accuracy").replace("_", " "),
+        accuracy_name=name,
         stopped=stopped, resume=resume,
     )
 

@@ -330,10 +330,9 @@ class Trainer:
                                        dataset=self.datasets["eval"], rows=rows)
         metrics = from_last_stage(evaluation_metrics(rows, token_level=self.spec.token_level) if rows else None)
         if self.ctx.is_logging_rank:
-            accuracy = "token_accuracy" if self.spec.token_level else "rewards/accuracies"
+            key, name = monitoring.accuracy_metric(token_level=self.spec.token_level)
             logger.info("step %d: held-out loss %.4f, %s %.3f (%d rows, %.1f s)", self.step, metrics["eval/loss"],
-                        accuracy.replace("rewards/accuracies", "reward accuracy").replace("_", " "),
-                        metrics[f"eval/{accuracy}"], len(self.datasets["eval"]), time.perf_counter() - started)
+                        name, metrics[f"eval/{key}"], len(self.datasets["eval"]), time.perf_counter() - started)
         return metrics
 
     # ----------------------------------------------------------------------------------------------------------------
