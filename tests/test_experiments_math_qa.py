@@ -1,6 +1,6 @@
 """The fusion experiment's own logic (launch/experiments/math_qa.py): question filtering, the answer check for the
-pivot's generations, and multiple-choice accuracy from per-row evaluation dumps. The stages themselves run real
-models for an hour and more; docs/EXPERIMENT.md records their output."""
+SFT model's generations, the held-out choice scorer and multiple-choice accuracy, and the statistics of the report.
+The stages themselves run real models for an hour and more; docs/EXPERIMENT.md records their output."""
 
 from __future__ import annotations
 
@@ -54,24 +54,45 @@ def test_questions_keep_five_choice_problems_that_fit_and_are_reproducible(math_
         math_qa._questions(task, seed=3, count=10, tokenizer=tokenizer, max_tokens=12)  # nothing fits
 
 
-def _dump_entry(row_id, chosen, rejected, chosen_len=4, rejected_len=4) -> dict:
-    return {"id": row_id, "policy_chosen_logps": chosen, "policy_rejected_logps": rejected,
-            "policy_chosen_lengths": chosen_len, "policy_rejected_lengths": rejected_len}
+def test_a_question_is_won_when_its_correct_choice_beats_every_other(math_qa):
+    rows = [
+        # q0: correct (index 2) above all four by sum and by mean
+        {"question": "q0", "correct": 2, "choice_logps": [[-8.0, 4], [-9.0, 4], [-4.0, 4], [-8.0, 4], [-7.0, 4]]},
+        # q1: a tie with choice 0 is not a win
+        {"question": "q1", "correct": 1, "choice_logps": [[-4.0, 4], [-4.0, 4], [-9.0, 4], [-9.0, 4], [-9.0, 4]]},
+        # q2: a short wrong answer wins by sum (-5 > -6), the correct one per token (-1 > -2.5)
+        {"question": "q2", "correct": 0, "choice_logps": [[-6.0, 6], [-5.0, 2], [-9.0, 4], [-9.0, 4], [-9.0, 4]]},
+    ]
+    assert math_qa.choice_wins(rows) == {"q0": (True, True), "q1": (False, False), "q2": (False, True)}
+    # the margin: the correct answer's per-token log-prob minus the wrong ones' mean, e.g. q2: -1 - (-2.5 - 3 * 2.25) / 4
+    margins = math_qa.choice_margins(rows)
+    assert margins == {"q0": pytest.approx(-1.0 + 8.0 / 4), "q1": pytest.approx(-1.0 + 7.75 / 4),
+                       "q2": pytest.approx(-1.0 + 9.25 / 4)}
 
 
-def test_multiple_choice_accuracy_needs_the_correct_answer_above_every_wrong_one(math_qa):
-    rows = [{"id": f"q{q}/{c}", "question": f"q{q}"} for q in range(3) for c in range(4)]
-    dump = (
-        # q0: correct beats all four wrong choices by sum and by mean
-        [_dump_entry(f"q0/{c}", -4.0, -8.0) for c in range(4)]
-        # q1: one wrong choice ties: a tie is not a win
-        + [_dump_entry(f"q1/{c}", -4.0, -4.0 if c == 2 else -9.0) for c in range(4)]
-        # q2: loses one pair by sum (a short wrong answer) but wins it per token
-        + [_dump_entry(f"q2/{c}", -6.0, -5.0 if c == 0 else -9.0, chosen_len=6, rejected_len=2) for c in range(4)]
-    )
-    assert math_qa.multiple_choice(rows, dump) == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3)}
-    with pytest.raises(KeyError):
-        math_qa.multiple_choice(rows, dump[:-1])  # a held-out row missing from the dump is an error, not a skip
+def test_choices_are_scored_as_whole_sequences_are(math_qa):
+    """The KV-cached choice scorer against each choice scored as one full sequence, on a tiny random Llama (random
+    weights: any slip in positions or padding moves the sums)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(type="sentencepiece", path="pkg://mistral_common/data/tokenizer.model.v1",
+                                chat_template="mistral")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    question = {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "choices": ["5", "6", "17 %", "1/2", "0"],
+                "correct": "5"}
+    scored = math_qa.choice_logps(model, tokenizer, question)
+    prompt = tokenizer.encode_prompt(question["prompt"])
+    for choice, (total, count) in zip(question["choices"], scored, strict=True):
+        answer = tokenizer.encode_response(math_qa.answer_sentence(choice), prompt=question["prompt"])
+        with torch.no_grad():
+            logps = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+        assert count == len(answer)
+        assert total == pytest.approx(sum(logps[len(prompt) + i - 1, token].item()
+                                          for i, token in enumerate(answer)), abs=1e-4)
+    assert len({count for _, count in scored}) > 1  # answers of different lengths: the padding is exercised
 
 
 def test_the_recipe_sft_stage_fine_tunes_for_its_epochs_on_its_own_questions(math_qa, tmp_path):
@@ -80,3 +101,29 @@ def test_the_recipe_sft_stage_fine_tunes_for_its_epochs_on_its_own_questions(mat
     overrides = math_qa._sft_overrides(tmp_path, type("Args", (), {"sft_epochs": 3}))
     # 3 epochs of 20 rows at math_qa.yaml's global batch of 8: 60 / 8 -> 8 steps
     assert overrides[:3] == ["loss.type=sft", f"data.path={tmp_path / 'data' / 'sft.jsonl'}", "train.steps=8"]
+
+
+def test_the_bootstrap_interval_covers_the_mean_and_tells_a_real_difference_from_none(math_qa):
+    rng = random.Random(0)
+    no_difference = [rng.choice([-1, 0, 0, 1]) for _ in range(400)]
+    mean, low, high, p = math_qa.bootstrap_interval(no_difference)
+    assert low < mean < high and low < 0 < high and p > 0.05
+    clear = [1] * 60 + [0] * 340  # 15 points on 400 paired questions, none the other way
+    mean, low, high, p = math_qa.bootstrap_interval(clear)
+    assert mean == pytest.approx(0.15) and 0 < low < 0.15 < high and p < 0.001
+    # [seeds, questions] is averaged over the seeds first: the interval is over questions
+    assert math_qa.bootstrap_interval([[1, 0] * 50, [0, 1] * 50])[:3] == (0.5, 0.5, 0.5)
+
+
+def test_one_point_needs_the_questions_mcnemar_says(math_qa):
+    a = [True] * 20 + [False] * 80
+    b = [False] * 10 + [True] * 10 + [False] * 80  # disagree on 10 of 100 questions
+    # (1.96 + 0.8416)^2 * 0.1 / 0.01^2 = 7848.96
+    assert math_qa.questions_for_one_point(a, b) == 7849
+    assert math_qa.questions_for_one_point(a, a) == 0
+
+
+def test_a_preference_stage_runs_its_epochs_of_the_pairs(math_qa, tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text('{"prompt": "q"}\n' * 96)
+    assert math_qa._steps(rows, 1) == 12 and math_qa._steps(rows, 2) == 24
