@@ -15,7 +15,7 @@ packages (infifpo_mcore/packaged_models.py), the questions from the bigbench sou
 Held-out metric: multiple-choice accuracy by the model's own likelihood (lm-eval's ``acc``: the choice whose answer
 sentence has the highest summed log-prob wins; ``acc_norm``: the highest per-token mean) over every choice of
 --heldout-questions questions, scored once at the end of each run by the trained weights themselves (the run's
-checkpoint as a source: infifpo_mcore/sources.py exports it to HF and scores one pair per wrong choice). Curves come
+checkpoint exported to HF, every choice scored by ``score_choices``: prompt once, KV cache per answer). Curves come
 from the trainer's evaluations of a smaller slice (--curve-questions, one pair each) during the preference stage.
 """
 
@@ -40,6 +40,7 @@ import prepare_data  # noqa: E402  (the bigbench reader of the bundled data)
 
 from infifpo_mcore.config import load_config  # noqa: E402
 from infifpo_mcore.packaged_models import packaged_model_dir  # noqa: E402
+from infifpo_mcore.sources import export_megatron_source  # noqa: E402
 
 PIVOT = "smollm2-135m-instruct"
 SOURCES = ("gemma-3-270m", "qwen2.5-coder-0.5b-instruct")
@@ -405,9 +406,7 @@ def train(args) -> None:
             with (run_dir / "train.log").open("w") as log:
                 subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
             trained = time.perf_counter() - begun
-            subprocess.run([sys.executable, str(REPO / "checkpoints_tools" / "mcore_to_hf.py"), "--ckpt",
-                            str(run_dir / "checkpoints"), "--out", str(run_dir / "hf")], check=True,
-                           stdout=subprocess.DEVNULL, cwd=REPO)
+            export_megatron_source(name=run_dir.name, checkpoint=run_dir / "checkpoints", out_dir=run_dir / "hf")
             score_choices(work, run_dir.name, run_dir / "hf", tokenizer_dir=packaged_model_dir(PIVOT))
             if method != "sft":  # 2.2 GB each; the SFT checkpoint starts the other methods, its HF export WRPO's y_wt
                 shutil.rmtree(run_dir / "checkpoints")
